@@ -1,0 +1,57 @@
+# Two commands do all set-up on a fresh machine:
+#   make test   - create .venv, install everything, run the test suite
+#   make demo   - same install, then the main job (a small SoLoPO run on CPU)
+# Variables: VENV (default .venv), PYTHON (interpreter that creates the venv),
+#            TORCH_SPEC (torch to install where no CUDA torch is present), PYTEST_ARGS.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+MCORE_SPEC ?= megatron-core==0.19.2
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast test-slow demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	@# Inside an NGC PyTorch container the system torch is a CUDA build with Transformer Engine:
+	@# reuse it (system site packages) instead of installing another torch.
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	    echo "[install] CUDA torch found in $(PYTHON): venv reuses system site packages"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "[install] no torch: installing $(TORCH_SPEC) (CPU build where the local wheel is)"; \
+	    $(PIP) install -q "$(TORCH_SPEC)"; \
+	fi
+	@# megatron-core 0.19.x declares Requires-Python>=3.12 but ships a cp311 wheel; numpy 2.5
+	@# has no cp311 wheel, hence the pin on 3.11.
+	@if $(PY) -c "import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)"; then \
+	    $(PIP) install -q "$(MCORE_SPEC)"; \
+	else \
+	    $(PIP) install -q --ignore-requires-python "$(MCORE_SPEC)" "numpy<2.5" "packaging>=24.2"; \
+	fi
+	$(PIP) install -q -e ".[dev,hf]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (seconds).
+test-fast: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow --run-slow $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m megatron_solopo.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
