@@ -66,6 +66,34 @@ class PackedMicroBatch:
             moved[field.name] = value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
         return PackedMicroBatch(**moved)
 
+    def padded_to(self, num_tokens: int) -> "PackedMicroBatch":
+        """The same micro-batch with its last sequence padded further so that ``T == num_tokens``
+        (fixed pipeline shapes; see training/step.py). Padding is masked out like any other."""
+        extra = num_tokens - self.num_tokens
+        if extra < 0:
+            raise ValueError(f"micro-batch has {self.num_tokens} tokens, more than {num_tokens}")
+        if extra == 0:
+            return self
+
+        def pad(tensor: Tensor, value) -> Tensor:
+            return torch.cat([tensor, tensor.new_full((extra,), value)])
+
+        last_start = int(self.cu_seqlens[-2])
+        positions = torch.arange(self.num_tokens - last_start, num_tokens - last_start,
+                                 dtype=self.position_ids.dtype)
+        cu_seqlens = self.cu_seqlens.clone()
+        cu_seqlens[-1] = num_tokens
+        return dataclasses.replace(
+            self,
+            tokens=pad(self.tokens, 0),
+            labels=pad(self.labels, 0),
+            loss_mask=pad(self.loss_mask, 0),
+            target_mask=pad(self.target_mask, 0),
+            position_ids=torch.cat([self.position_ids, positions]),
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(self.max_seqlen, num_tokens - last_start),
+        )
+
     def validate(self, pad_multiple: Optional[int] = None) -> None:
         """Check the invariants above; raises AssertionError (these are our own invariants)."""
         num_tokens = self.tokens.numel()

@@ -91,6 +91,11 @@ def _shim_rng(torch) -> None:
 
     mcore_random._get_cuda_rng_state = get_state
     mcore_random._set_cuda_rng_state = set_state
+    # tracker.fork() warns when the CPU RNG moved inside a fork; on CPU the "CUDA" generator *is*
+    # the CPU one, so that warning would fire on every fork (random.py:333).
+    import logging
+
+    logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
 
 
 def _shim_synchronize(torch) -> None:
@@ -253,6 +258,20 @@ def _shim_tensor_type_strings(torch) -> None:
     torch.Tensor.type = tensor_type
 
 
+def _shim_tensor_cuda(torch) -> None:
+    # language_module.py:307 moves the tied embedding to the GPU with `weight.data.cuda()`
+    # before all-reducing it between the first and last pipeline stage (PP > 1, tied weights).
+    # Without CUDA the tensor stays where it is.
+    if getattr(torch.Tensor.cuda, "_solopo_cpu_shim", False):
+        return
+
+    def cuda(self, *args, **kwargs):
+        return self
+
+    cuda._solopo_cpu_shim = True
+    torch.Tensor.cuda = cuda
+
+
 _SHIMS = (
     ("current_device", _shim_current_device),
     ("rng", _shim_rng),
@@ -262,6 +281,7 @@ _SHIMS = (
     ("cuda_literals", _shim_cuda_literals),
     ("streams", _shim_streams),
     ("tensor_type_strings", _shim_tensor_type_strings),
+    ("tensor_cuda", _shim_tensor_cuda),
 )
 
 

@@ -1,0 +1,132 @@
+"""Megatron-Core GPTModel construction: Transformer Engine spec when TE imports, else the local
+spec with our reference core attention.
+
+Only this package knows Megatron module specs. :func:`build_model` returns one GPTModel per
+virtual pipeline stage of this rank (a list of one without the interleaved schedule), each
+built with the right ``pre_process``/``post_process`` flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Literal, Optional
+
+import torch
+
+from megatron_solopo.model.config import ModelConfig
+
+AttentionBackend = Literal["auto", "te", "reference"]
+
+
+@functools.lru_cache(maxsize=1)
+def te_available() -> bool:
+    """True when Transformer Engine for PyTorch imports and megatron-core can use it."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions import transformer_engine as mcore_te
+
+        return bool(getattr(mcore_te, "HAVE_TE", True))
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+
+
+def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "reference"]:
+    """``auto`` picks TE where it imports and CUDA is present, else the reference path."""
+    if backend == "auto":
+        return "te" if te_available() and torch.cuda.is_available() else "reference"
+    if backend == "te" and not te_available():
+        raise ValueError("model attention_backend='te' but Transformer Engine is not importable "
+                         "here; install megatron-solopo[te] (or use an NGC PyTorch container), or "
+                         "set attention_backend='reference'")
+    if backend not in ("te", "reference"):
+        raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference")
+    return backend
+
+
+def gpt_layer_spec(backend: Literal["te", "reference"]):
+    """The transformer layer spec for the Llama/Qwen2/Mistral family (RMSNorm, SwiGLU, RoPE)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from megatron_solopo.model.attention import ReferenceCoreAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = ReferenceCoreAttention
+    return spec
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency scaling with the checkpoint's own parameters (megatron-core hard-codes
+    low=1, high=4, original=8192, which other checkpoints may not use)."""
+    factor = float(rope_scaling["factor"])
+    low = float(rope_scaling.get("low_freq_factor", 1.0))
+    high = float(rope_scaling.get("high_freq_factor", 4.0))
+    original = float(rope_scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def unwrap_model(module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def build_model(
+    model: ModelConfig,
+    transformer_config,
+    *,
+    attention_backend: AttentionBackend = "auto",
+    padded_vocab_size: Optional[int] = None,
+) -> list:
+    """This rank's model chunks (GPTModel), one per virtual pipeline stage.
+
+    Process groups must exist (``initialize_distributed``). ``padded_vocab_size`` defaults to
+    the model vocab rounded up to ``make_vocab_size_divisible_by * TP``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    backend = resolve_attention_backend(attention_backend)
+    if backend == "reference" and transformer_config.fp8:
+        raise ValueError("fp8 needs the Transformer Engine attention/linear layers "
+                         "(attention_backend='te')")
+    spec = gpt_layer_spec(backend)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if padded_vocab_size is None:
+        padded_vocab_size = model.padded_vocab_size(tp)
+    rope_scaling = model.rope_scaling or {}
+    scaling_type = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    vpp = transformer_config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        gpt = GPTModel(
+            config=transformer_config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=model.rotary_base,
+            seq_len_interpolation_factor=(float(rope_scaling["factor"])
+                                          if scaling_type == "linear" else None),
+            vp_stage=stage,
+        )
+        if scaling_type == "llama3" and hasattr(gpt, "rotary_pos_emb"):
+            rotary = gpt.rotary_pos_emb
+            rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
+        chunks.append(gpt)
+    return chunks

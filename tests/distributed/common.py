@@ -1,0 +1,167 @@
+"""Shared pieces of the layout-parity tests: a tiny Llama-style model, a DPO-style loss, the
+single-process reference and the comparison (run inside gloo ranks, see tests/harness.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_solopo.model.build import build_model
+from megatron_solopo.model.config import ModelConfig, build_transformer_config
+from megatron_solopo.model.logprobs import forward_packed, masked_sequence_sums
+from megatron_solopo.model.state import VOCAB_KEYS, gather_full_state_dict, load_full_state_dict
+from megatron_solopo.parallel import context_parallel as cpar
+from megatron_solopo.parallel.distributed import initialize_distributed
+from megatron_solopo.parallel.layout import ParallelConfig
+from megatron_solopo.training.model_setup import wrap_model
+from megatron_solopo.training.step import forward_backward
+from tests.batches import random_packed_batch
+
+VOCAB = 100
+BETA = 0.5
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    fields = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                  num_query_groups=2, vocab_size=VOCAB, max_position_embeddings=512,
+                  rotary_base=10000.0)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def pair_loss(batch, response_logps: torch.Tensor, num_groups_global: int):
+    """DPO-style: groups hold (chosen, rejected); -logsigmoid(beta * (chosen - rejected))."""
+    chosen = response_logps[0::2]
+    rejected = response_logps[1::2]
+    return -F.logsigmoid(BETA * (chosen - rejected)).sum() / num_groups_global
+
+
+def make_micro_batches(num_microbatches: int, pad_multiple: int, seed: int = 0):
+    """Micro-batches of 1-2 preference pairs with lengths that are not multiples of any chunk."""
+    shapes = [[[13, 9], [21, 6]], [[30, 17]], [[7, 11], [5, 19]], [[25, 4]],
+              [[9, 9]], [[16, 3], [8, 12]], [[14, 27]], [[6, 10]]]
+    batches = []
+    first = 0
+    for index in range(num_microbatches):
+        groups = shapes[index % len(shapes)]
+        batches.append(random_packed_batch(groups, VOCAB, pad_multiple, seed + index,
+                                           first_sample=first))
+        first += len(groups)
+    return batches, first
+
+
+def _swap_params_and_grads(chunks):
+    for chunk in chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            param.data, param._saved_data = grad.to(param.dtype).view_as(param.data), param.data
+
+
+def _restore_params(chunks):
+    for chunk in chunks:
+        for param in chunk.parameters():
+            param.data = param._saved_data
+            del param._saved_data
+
+
+def full_grads(chunks, local_only=False):
+    """Gradients in canonical (sharded-key, global-shape) form."""
+    _swap_params_and_grads(chunks)
+    try:
+        return gather_full_state_dict(chunks, local_only=local_only)
+    finally:
+        _restore_params(chunks)
+
+
+def reference_run(model_cfg: ModelConfig, micro_batches, num_groups: int, seed: int = 7):
+    """Single-process model (TP=PP=CP=1, no DDP) on every micro-batch of the global batch."""
+    parallel = ParallelConfig()
+    initialize_distributed(parallel, seed=seed)
+    tc = build_transformer_config(model_cfg, parallel)
+    (model,) = build_model(model_cfg, tc)
+    weights = gather_full_state_dict([model], local_only=True)
+    token_logps, losses = [], []
+    for batch in micro_batches:
+        logps = forward_packed(model, batch, VOCAB)
+        token_logps.append(logps.detach())
+        sums = masked_sequence_sums(logps, batch.loss_mask, batch.cu_seqlens)
+        loss = pair_loss(batch, sums, num_groups)
+        loss.backward()
+        losses.append(loss.detach())
+    grads = full_grads([model], local_only=True)
+    return weights, token_logps, torch.stack(losses).sum(), grads
+
+
+def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micro_batches,
+                 num_groups: int):
+    """The same weights under ``parallel``; this DP rank takes its share of the micro-batches."""
+    from megatron.core import parallel_state
+
+    initialize_distributed(parallel)
+    tc = build_transformer_config(model_cfg, parallel, variable_seq_lengths=True)
+    chunks = build_model(model_cfg, tc)
+    load_full_state_dict(chunks, weights)
+    model = wrap_model(chunks, tc)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    per_rank = len(micro_batches) // dp_size
+    mine = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+    seen = []
+
+    def loss_fn(batch, sums):
+        loss = pair_loss(batch, sums.response_logps, num_groups)
+        return loss, {"loss": loss}
+
+    metrics = forward_backward(model, [micro_batches[i] for i in mine], loss_fn, vocab_size=VOCAB,
+                               on_token_logps=lambda local, logps: seen.append((local, logps)))
+    loss = torch.stack([m["loss"] for m in metrics]).sum() if metrics else torch.zeros(())
+    if parallel_state.is_pipeline_last_stage():
+        torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    grads = full_grads(model)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    return mine, seen, loss, grads, cp_size, cp_rank
+
+
+def assert_close(actual, expected, what, rtol=1e-5):
+    scale = expected.abs().max().clamp(min=1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(scale),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrides=None):
+    """Run in every rank: reference vs ``parallel_fields`` layout; raises on any mismatch."""
+    from megatron.core import parallel_state
+
+    model_cfg = tiny_model(**(model_overrides or {}))
+    parallel = ParallelConfig(**parallel_fields)
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    pad_multiple = 2 * cp * (tp if parallel.sequence_parallel else 1)
+    micro_batches, num_groups = make_micro_batches(num_microbatches, pad_multiple)
+    if parallel.virtual_pipeline_model_parallel_size:
+        # Fixed pipeline shapes (see training/step.py): pad every pack to the longest.
+        longest = max(batch.num_tokens for batch in micro_batches)
+        micro_batches = [batch.padded_to(longest) for batch in micro_batches]
+    weights, ref_logps, ref_loss, ref_grads = reference_run(model_cfg, micro_batches, num_groups)
+    mine, seen, loss, grads, cp_size, cp_rank = parallel_run(
+        model_cfg, parallel, weights, micro_batches, num_groups)
+    checked = 0
+    if parallel_state.is_pipeline_last_stage():
+        assert len(seen) == len(mine)
+        for index, (local, logps) in zip(mine, seen):
+            batch = micro_batches[index]
+            expected = ref_logps[index]
+            expected = expected[cpar.zigzag_indices(batch.cu_seqlens, cp_size, cp_rank)]
+            mask = local.target_mask.bool()  # pad positions carry no target
+            assert_close(logps[mask], expected[mask], f"per-token log-probs, micro-batch {index}")
+            checked += 1
+        assert_close(loss, ref_loss, "loss")
+    assert sorted(grads) == sorted(ref_grads), (sorted(grads), sorted(ref_grads))
+    for key in ref_grads:
+        grad, ref = grads[key].float(), ref_grads[key].float()
+        if key in VOCAB_KEYS:  # padded rows differ with TP; real rows must match
+            grad, ref = grad[:VOCAB], ref[:VOCAB]
+        assert_close(grad, ref, f"gradient of {key}")
+    return {"checked_micro_batches": checked, "loss": float(loss), "ref_loss": float(ref_loss)}
