@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from megatron_solopo.parallel import cpu_compat
-from megatron_solopo.parallel.layout import ParallelConfig
+from megatron_solopo.parallel.layout import ParallelConfig, validate_parallel_layout
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -90,17 +90,24 @@ def initialize_distributed(
     parallel: ParallelConfig,
     env: Optional[DistributedEnv] = None,
     *,
+    model=None,
     seed: int = 1234,
 ) -> DistributedEnv:
     """Create the default process group (if needed) and Megatron's model-parallel groups.
 
-    The layout must already be validated (:func:`validate_parallel_layout`). On a machine without
-    CUDA this installs the CPU shims and uses gloo; with CUDA it binds the local GPU and uses NCCL.
-    Also seeds Megatron's model-parallel RNG tracker.
+    With ``model`` (a ModelConfig) the layout is validated against it and the world size first,
+    before any process group exists. On a machine without CUDA this installs the CPU shims and
+    uses gloo; with CUDA it binds the local GPU and uses NCCL. Also seeds Megatron's RNGs.
     """
     from megatron.core import parallel_state
 
     env = detect_distributed_env() if env is None else env
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() \
+        else env.world_size
+    if model is not None:
+        validate_parallel_layout(parallel, world_size, num_layers=model.num_layers,
+                                 num_attention_heads=model.num_attention_heads,
+                                 num_query_groups=model.num_query_groups)
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu_compat.install_cpu_shims()
