@@ -75,8 +75,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     context = _get_context()
     results = context.Queue()
     port = free_port()
+    # Not daemonic: ranks may start helper processes (dist_checkpointing does).
     processes = [context.Process(target=_worker, args=(rank, world_size, port, fn, args, kwargs,
-                                                       results), daemon=True)
+                                                       results))
                  for rank in range(world_size)]
     for process in processes:
         process.start()

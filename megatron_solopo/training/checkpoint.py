@@ -1,0 +1,230 @@
+"""Checkpoints in Megatron's layout, written with ``megatron.core.dist_checkpointing``.
+
+::
+
+    <save>/
+      latest_checkpointed_iteration.txt     "100" (or "release" for a converted checkpoint)
+      iter_0000100/                          torch_dist shards + common.pt + metadata.json
+        run_config.yaml                      the resolved config of the run that wrote it
+      release/                               weights only (tools/convert_checkpoint.py)
+
+Shards use Megatron's global (sharded) keys, so a checkpoint loads under another TP/PP/VPP/CP/DP
+layout. Saving is crash-safe: the shards go to a hidden temporary directory that is renamed into
+place, and the tracker file is replaced atomically last, so a job killed mid-save leaves the
+previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_solopo.model.build import unwrap_model
+from megatron_solopo.model.state import VOCAB_KEYS, resize_vocab_rows
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RUN_CONFIG_FILE = "run_config.yaml"
+RELEASE = "release"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def checkpoint_dir(root: Union[str, Path], iteration: Union[int, str]) -> Path:
+    name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+    return Path(root) / name
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write via a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_tracker(root: Union[str, Path]) -> Optional[Union[int, str]]:
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{tracker}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Optional[Path]:
+    """The checkpoint directory that ``path`` designates: a save root (through its tracker
+    file), or an ``iter_*``/``release`` directory itself. None if there is no checkpoint yet."""
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        return path
+    iteration = read_tracker(path)
+    if iteration is None:
+        return None
+    resolved = checkpoint_dir(path, iteration)
+    if not (resolved / "metadata.json").exists():
+        raise ValueError(f"{path / TRACKER_FILE} points to {resolved.name}, which is missing or "
+                         f"incomplete")
+    return resolved
+
+
+def read_run_config(directory: Union[str, Path]) -> dict:
+    """The ``run_config.yaml`` of a checkpoint (a save root or an iteration directory)."""
+    resolved = resolve_checkpoint(directory)
+    if resolved is None:
+        raise ValueError(f"no checkpoint in {directory} (no {TRACKER_FILE})")
+    config_path = resolved / RUN_CONFIG_FILE
+    if not config_path.exists():
+        raise ValueError(f"{resolved} has no {RUN_CONFIG_FILE}; it was not written by megatron-solopo")
+    return yaml.safe_load(config_path.read_text()) or {}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_state(model_chunks) -> dict:
+    return {f"chunk{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def save_checkpoint(
+    root: Union[str, Path],
+    iteration: Union[int, str],
+    model_chunks: list,
+    run_config: dict,
+    *,
+    optimizer=None,
+    optimizer_metadata: Optional[dict] = None,
+    common: Optional[dict] = None,
+) -> Path:
+    """Collective: every rank writes its shards. Returns the checkpoint directory.
+
+    ``common`` holds small replicated state (iteration, consumed samples, scheduler) saved once.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = checkpoint_dir(root, iteration)
+    tmp = root / f".tmp-{final.name}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
+        tmp.mkdir()
+    _barrier()
+    state: dict[str, Any] = {"model": _model_state(model_chunks)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=False,
+                                                          metadata=optimizer_metadata)
+    state["common"] = dict(common or {}, checkpoint_format_version=CHECKPOINT_FORMAT_VERSION,
+                           has_optimizer=optimizer is not None)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        atomic_write_text(tmp / RUN_CONFIG_FILE, yaml.safe_dump(run_config, sort_keys=False))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / TRACKER_FILE, f"{iteration}\n")
+    _barrier()
+    return final
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    directory: Path
+    iteration: Union[int, str]
+    run_config: dict
+    common: dict
+    loaded_optimizer: bool
+
+    @property
+    def is_release(self) -> bool:
+        """A weights-only (converted) checkpoint: training starts fresh from it."""
+        return self.iteration == RELEASE
+
+
+def _vocab_requests(model_state: dict, checkpoint_vocab_rows: int) -> list:
+    """Replace the model's vocab-row shards by whole-tensor requests with the checkpoint's
+    padded row count (vocab padding is a multiple of 128 * TP, so it changes with TP)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    replaced = []
+    for chunk_name, chunk_state in model_state.items():
+        for name, sharded in list(chunk_state.items()):
+            if isinstance(sharded, ShardedTensor) and sharded.key in VOCAB_KEYS:
+                buffer = torch.empty((checkpoint_vocab_rows,) + tuple(sharded.global_shape[1:]),
+                                     dtype=sharded.data.dtype, device=sharded.data.device)
+                chunk_state[name] = ShardedTensor.from_rank_offsets(
+                    sharded.key, buffer, replica_id=_rank())
+                replaced.append((chunk_name, name, sharded))
+    return replaced
+
+
+def load_checkpoint(
+    path: Union[str, Path],
+    model_chunks: list,
+    *,
+    optimizer=None,
+    optimizer_metadata: Optional[dict] = None,
+    load_optimizer: bool = True,
+    padded_vocab_size: Optional[int] = None,
+) -> Optional[LoadedCheckpoint]:
+    """Load weights (and optimizer state when asked and present) into this rank's model chunks.
+
+    Returns None when ``path`` holds no checkpoint yet. ``padded_vocab_size`` is the model's own
+    (embedding rows); when the checkpoint was padded for another TP, rows are cut or zero-padded.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = resolve_checkpoint(path)
+    if directory is None:
+        return None
+    run_config = yaml.safe_load((directory / RUN_CONFIG_FILE).read_text()) \
+        if (directory / RUN_CONFIG_FILE).exists() else {}
+    common_state = dist_checkpointing.load_common_state_dict(str(directory))
+    common = dict(common_state.get("common", {}))
+    request: dict[str, Any] = {"model": _model_state(model_chunks)}
+    replaced = []
+    checkpoint_rows = run_config.get("padded_vocab_size")
+    if padded_vocab_size is not None and checkpoint_rows and checkpoint_rows != padded_vocab_size:
+        replaced = _vocab_requests(request["model"], int(checkpoint_rows))
+    use_optimizer = (optimizer is not None and load_optimizer and common.get("has_optimizer")
+                     and not replaced)
+    if use_optimizer:
+        request["optimizer"] = optimizer.sharded_state_dict(
+            request["model"], is_loading=True, metadata=optimizer_metadata)
+    loaded = dist_checkpointing.load(request, str(directory))
+    for chunk_name, name, sharded in replaced:
+        rows = resize_vocab_rows(loaded["model"][chunk_name][name], sharded.global_shape[0])
+        loaded["model"][chunk_name][name] = rows[sharded.global_slice()]
+    for index, chunk in enumerate(model_chunks):
+        # TE keeps FP8 metadata in `_extra_state`; a checkpoint from the other spec may lack it.
+        result = unwrap_model(chunk).load_state_dict(loaded["model"][f"chunk{index}"], strict=False)
+        problems = [key for key in result.missing_keys + result.unexpected_keys
+                    if not key.endswith("_extra_state")]
+        if problems:
+            raise ValueError(f"{directory}: weights do not match the model: {sorted(problems)}")
+    if use_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    iteration = RELEASE if directory.name == RELEASE else int(directory.name.split("_")[-1])
+    return LoadedCheckpoint(directory, iteration, run_config, common, bool(use_optimizer))
