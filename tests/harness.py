@@ -38,8 +38,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
-            results) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
+            kwargs: dict, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
@@ -50,7 +50,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         from megatron_solopo.parallel import cpu_compat
 
         cpu_compat.install_cpu_shims()
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                                              rank=rank, world_size=world_size)
         value = fn(*args, **kwargs)
         results.put((rank, "ok", value))
@@ -66,8 +68,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
-                    **kwargs: Any) -> list:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; returns results by rank."""
+                    backend: str = "gloo", **kwargs: Any) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks (gloo on CPU; ``backend="nccl"`` for
+    the GPU tier, one GPU per rank); returns results by rank."""
     import queue
 
     import pytest
@@ -76,7 +79,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = context.Queue()
     port = free_port()
     # Not daemonic: ranks may start helper processes (dist_checkpointing does).
-    processes = [context.Process(target=_worker, args=(rank, world_size, port, fn, args, kwargs,
+    processes = [context.Process(target=_worker, args=(rank, world_size, port, backend, fn, args, kwargs,
                                                        results))
                  for rank in range(world_size)]
     for process in processes:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron.core.transformer.module import Float16Module
+
 from megatron_solopo.model.build import build_model
-from megatron_solopo.model.config import ModelConfig, build_transformer_config
+from megatron_solopo.model.config import ModelConfig, PrecisionConfig, build_transformer_config
 from megatron_solopo.model.logprobs import forward_packed, masked_sequence_sums
 from megatron_solopo.model.state import VOCAB_KEYS, gather_full_state_dict, load_full_state_dict
 from megatron_solopo.parallel import context_parallel as cpar
@@ -36,10 +38,16 @@ def pair_loss(batch, response_logps: torch.Tensor, num_groups_global: int):
     return -F.logsigmoid(BETA * (chosen - rejected)).sum() / num_groups_global
 
 
-def make_micro_batches(num_microbatches: int, pad_multiple: int, seed: int = 0):
-    """Micro-batches of 1-2 preference pairs with lengths that are not multiples of any chunk."""
-    shapes = [[[13, 9], [21, 6]], [[30, 17]], [[7, 11], [5, 19]], [[25, 4]],
-              [[9, 9]], [[16, 3], [8, 12]], [[14, 27]], [[6, 10]]]
+# Preference pairs per micro-batch: lengths that are not multiples of any chunk size, short and
+# long sequences mixed in one pack (the short ones are padded and sharded like the rest).
+DEFAULT_SHAPES = [[[13, 9], [21, 6]], [[30, 17]], [[7, 11], [5, 19]], [[25, 4]],
+                  [[9, 9]], [[16, 3], [8, 12]], [[14, 27]], [[6, 10]]]
+MIXED_SHAPES = [[[5, 3], [61, 58]], [[3, 70]], [[47, 2], [6, 9]], [[66, 5]]]
+
+
+def make_micro_batches(num_microbatches: int, pad_multiple: int, seed: int = 0,
+                       shapes=DEFAULT_SHAPES):
+    """Micro-batches of 1-2 preference pairs."""
     batches = []
     first = 0
     for index in range(num_microbatches):
@@ -75,33 +83,40 @@ def full_grads(chunks, local_only=False):
         _restore_params(chunks)
 
 
-def reference_run(model_cfg: ModelConfig, micro_batches, num_groups: int, seed: int = 7):
+def reference_run(model_cfg: ModelConfig, micro_batches, num_groups: int, seed: int = 7,
+                  precision=None, attention_backend="auto"):
     """Single-process model (TP=PP=CP=1, no DDP) on every micro-batch of the global batch."""
     parallel = ParallelConfig()
     initialize_distributed(parallel, seed=seed)
-    tc = build_transformer_config(model_cfg, parallel)
-    (model,) = build_model(model_cfg, tc)
+    tc = build_transformer_config(model_cfg, parallel, precision,
+                                  use_te=attention_backend == "te")
+    (model,) = build_model(model_cfg, tc, attention_backend=attention_backend)
+    if tc.bf16:
+        model = Float16Module(tc, model)
+    device = next(model.parameters()).device
     weights = gather_full_state_dict([model], local_only=True)
     token_logps, losses = [], []
     for batch in micro_batches:
-        logps = forward_packed(model, batch, VOCAB)
+        logps = forward_packed(model, batch.to(device), VOCAB)
         token_logps.append(logps.detach())
-        sums = masked_sequence_sums(logps, batch.loss_mask, batch.cu_seqlens)
+        sums = masked_sequence_sums(logps, batch.loss_mask.to(device), batch.cu_seqlens)
         loss = pair_loss(batch, sums, num_groups)
         loss.backward()
-        losses.append(loss.detach())
+        losses.append(loss.detach().cpu())
+    token_logps = [logps.cpu() for logps in token_logps]
     grads = full_grads([model], local_only=True)
     return weights, token_logps, torch.stack(losses).sum(), grads
 
 
 def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micro_batches,
-                 num_groups: int):
+                 num_groups: int, precision=None, attention_backend="auto"):
     """The same weights under ``parallel``; this DP rank takes its share of the micro-batches."""
     from megatron.core import parallel_state
 
     initialize_distributed(parallel)
-    tc = build_transformer_config(model_cfg, parallel, variable_seq_lengths=True)
-    chunks = build_model(model_cfg, tc)
+    tc = build_transformer_config(model_cfg, parallel, precision, variable_seq_lengths=True,
+                                  use_te=attention_backend == "te")
+    chunks = build_model(model_cfg, tc, attention_backend=attention_backend)
     load_full_state_dict(chunks, weights)
     model = wrap_model(chunks, tc)
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -117,8 +132,12 @@ def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micr
     metrics = forward_backward(model, [micro_batches[i] for i in mine], loss_fn, vocab_size=VOCAB,
                                on_token_logps=lambda local, logps: seen.append((local, logps)))
     loss = torch.stack([m["loss"] for m in metrics]).sum() if metrics else torch.zeros(())
+    if torch.cuda.is_available():
+        loss = loss.cuda()
     if parallel_state.is_pipeline_last_stage():
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    loss = loss.cpu()
+    seen = [(local.to("cpu"), logps.cpu()) for local, logps in seen]
     grads = full_grads(model)
     cp_size = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
@@ -131,22 +150,28 @@ def assert_close(actual, expected, what, rtol=1e-5):
                                msg=lambda m: f"{what}: {m}")
 
 
-def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrides=None):
+def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrides=None,
+                 shapes=DEFAULT_SHAPES, attention_backend="auto", bf16=False, rtol=1e-5,
+                 reference_backend=None):
     """Run in every rank: reference vs ``parallel_fields`` layout; raises on any mismatch."""
     from megatron.core import parallel_state
 
+    precision = PrecisionConfig(bf16=bf16)
     model_cfg = tiny_model(**(model_overrides or {}))
     parallel = ParallelConfig(**parallel_fields)
     tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
     pad_multiple = 2 * cp * (tp if parallel.sequence_parallel else 1)
-    micro_batches, num_groups = make_micro_batches(num_microbatches, pad_multiple)
+    micro_batches, num_groups = make_micro_batches(num_microbatches, pad_multiple, shapes=shapes)
     if parallel.virtual_pipeline_model_parallel_size:
         # Fixed pipeline shapes (see training/step.py): pad every pack to the longest.
         longest = max(batch.num_tokens for batch in micro_batches)
         micro_batches = [batch.padded_to(longest) for batch in micro_batches]
-    weights, ref_logps, ref_loss, ref_grads = reference_run(model_cfg, micro_batches, num_groups)
+    weights, ref_logps, ref_loss, ref_grads = reference_run(
+        model_cfg, micro_batches, num_groups, precision=precision,
+        attention_backend=reference_backend or attention_backend)
     mine, seen, loss, grads, cp_size, cp_rank = parallel_run(
-        model_cfg, parallel, weights, micro_batches, num_groups)
+        model_cfg, parallel, weights, micro_batches, num_groups, precision=precision,
+        attention_backend=attention_backend)
     checked = 0
     if parallel_state.is_pipeline_last_stage():
         assert len(seen) == len(mine)
@@ -155,13 +180,14 @@ def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrid
             expected = ref_logps[index]
             expected = expected[cpar.zigzag_indices(batch.cu_seqlens, cp_size, cp_rank)]
             mask = local.target_mask.bool()  # pad positions carry no target
-            assert_close(logps[mask], expected[mask], f"per-token log-probs, micro-batch {index}")
+            assert_close(logps[mask], expected[mask], f"per-token log-probs, micro-batch {index}",
+                         rtol)
             checked += 1
-        assert_close(loss, ref_loss, "loss")
+        assert_close(loss, ref_loss, "loss", rtol)
     assert sorted(grads) == sorted(ref_grads), (sorted(grads), sorted(ref_grads))
     for key in ref_grads:
         grad, ref = grads[key].float(), ref_grads[key].float()
         if key in VOCAB_KEYS:  # padded rows differ with TP; real rows must match
             grad, ref = grad[:VOCAB], ref[:VOCAB]
-        assert_close(grad, ref, f"gradient of {key}")
+        assert_close(grad, ref, f"gradient of {key}", rtol)
     return {"checked_micro_batches": checked, "loss": float(loss), "ref_loss": float(ref_loss)}
