@@ -86,18 +86,19 @@ def build_model(
     model: ModelConfig,
     transformer_config,
     *,
-    attention_backend: AttentionBackend = "auto",
+    attention_backend: Optional[AttentionBackend] = None,
     padded_vocab_size: Optional[int] = None,
 ) -> list:
     """This rank's model chunks (GPTModel), one per virtual pipeline stage.
 
     Process groups must exist (``initialize_distributed``). ``padded_vocab_size`` defaults to
-    the model vocab rounded up to ``make_vocab_size_divisible_by * TP``.
+    the model vocab rounded up to ``make_vocab_size_divisible_by * TP``; ``attention_backend``
+    defaults to ``model.attention_backend``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    backend = resolve_attention_backend(attention_backend)
+    backend = resolve_attention_backend(attention_backend or model.attention_backend)
     if backend == "reference" and transformer_config.fp8:
         raise ValueError("fp8 needs the Transformer Engine attention/linear layers "
                          "(attention_backend='te')")

@@ -73,6 +73,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init for a model trained from scratch (ignored when weights are loaded)."""
 
+    attention_backend: Literal["auto", "te", "reference"] = "auto"
+    """Core attention: Transformer Engine (GPU) or our reference implementation (CPU, tests);
+    ``auto`` takes TE where it imports and CUDA is present."""
+
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra Megatron-Core ``TransformerConfig`` fields, e.g. ``{"recompute_granularity":
     "full", "recompute_method": "uniform", "recompute_num_layers": 1}``."""
@@ -151,7 +155,7 @@ def build_transformer_config(
     parallel: ParallelConfig,
     precision: Optional[PrecisionConfig] = None,
     *,
-    use_te: bool = False,
+    use_te: Optional[bool] = None,
     **extra: Any,
 ):
     """One Megatron-Core ``TransformerConfig`` for this model, layout and precision.
@@ -163,7 +167,11 @@ def build_transformer_config(
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_solopo.model.build import resolve_attention_backend
+
     precision = precision or PrecisionConfig()
+    if use_te is None:
+        use_te = resolve_attention_backend(model.attention_backend) == "te"
     if precision.fp8 and not use_te:
         raise ValueError("precision.fp8 needs Transformer Engine (pip install "
                          "'megatron-solopo[te]', or run in an NGC PyTorch container); it is not "

@@ -3,6 +3,8 @@ single-process reference and the comparison (run inside gloo ranks, see tests/ha
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -88,9 +90,9 @@ def reference_run(model_cfg: ModelConfig, micro_batches, num_groups: int, seed: 
     """Single-process model (TP=PP=CP=1, no DDP) on every micro-batch of the global batch."""
     parallel = ParallelConfig()
     initialize_distributed(parallel, seed=seed)
-    tc = build_transformer_config(model_cfg, parallel, precision,
-                                  use_te=attention_backend == "te")
-    (model,) = build_model(model_cfg, tc, attention_backend=attention_backend)
+    model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
+    tc = build_transformer_config(model_cfg, parallel, precision)
+    (model,) = build_model(model_cfg, tc)
     if tc.bf16:
         model = Float16Module(tc, model)
     device = next(model.parameters()).device
@@ -114,9 +116,9 @@ def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micr
     from megatron.core import parallel_state
 
     initialize_distributed(parallel)
-    tc = build_transformer_config(model_cfg, parallel, precision, variable_seq_lengths=True,
-                                  use_te=attention_backend == "te")
-    chunks = build_model(model_cfg, tc, attention_backend=attention_backend)
+    model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
+    tc = build_transformer_config(model_cfg, parallel, precision, variable_seq_lengths=True)
+    chunks = build_model(model_cfg, tc)
     load_full_state_dict(chunks, weights)
     model = wrap_model(chunks, tc)
     dp_size = parallel_state.get_data_parallel_world_size()
