@@ -61,6 +61,14 @@ def local_cu_seqlens(cu_seqlens: Tensor, cp_size: int) -> Tensor:
     return torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
+def shard_tokens(values: Tensor, cu_seqlens: Tensor, cp_size: int, cp_rank: int) -> Tensor:
+    """This rank's part of one per-token tensor ``[T]`` of a pack."""
+    if cp_size == 1:
+        return values
+    index = zigzag_indices(cu_seqlens.cpu(), cp_size, cp_rank).to(values.device)
+    return values.index_select(0, index)
+
+
 def shard_micro_batch(batch: PackedMicroBatch, cp_size: int, cp_rank: int) -> PackedMicroBatch:
     """The part of a packed micro-batch that ``cp_rank`` processes. Labels were shifted on the
     whole pack before this split, so no target crosses a chunk boundary wrongly."""

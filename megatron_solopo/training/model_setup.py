@@ -1,7 +1,8 @@
-"""Wrap model chunks for training: bf16 (Float16Module) and Megatron DDP, grad finalization."""
+"""Which model to build, and wrapping it for training (bf16, Megatron DDP, grad finalization)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 
@@ -40,3 +41,51 @@ def wrap_model(model_chunks: list, transformer_config, ddp_config: Optional[obje
         transformer_config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
     return wrapped
 
+
+
+def starting_run_config(load: Optional[str]) -> dict:
+    """``run_config.yaml`` of the starting checkpoint (``checkpoint.load``), or {} if none yet."""
+    from megatron_solopo.training import checkpoint as ckpt
+
+    if load and ckpt.resolve_checkpoint(load) is not None:
+        return ckpt.read_run_config(load)
+    return {}
+
+
+def resolve_model_config(config, start_run_config: dict, dataset):
+    """The model to build: the starting checkpoint's architecture with the fields the user set
+    on top (e.g. a raised ``rotary_base``), or the config's own; vocab size from the dataset's
+    tokenizer, which must be compatible with the model's."""
+    from megatron_solopo.model.config import ModelConfig
+
+    model = config.model
+    if start_run_config.get("model"):
+        fields = dict(start_run_config["model"])
+        fields.update({name: getattr(model, name)
+                       for name in getattr(config, "explicit_model_fields", [])})
+        model = ModelConfig(**fields)
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=int(dataset.metadata["vocab_size"]))
+    dataset.check_compatible(config.tokenizer.tokenizer_model or None, model.vocab_size)
+    return model
+
+
+def write_initial_checkpoint(config, output: str):
+    """A randomly initialized model (seed ``training.seed``) saved as a ``release`` checkpoint,
+    with the dataset's vocabulary and tokenizer recorded in its run_config.yaml."""
+    from megatron_solopo.data.dataset import PreferenceDataset
+    from megatron_solopo.model.build import build_model
+    from megatron_solopo.model.config import build_transformer_config
+    from megatron_solopo.parallel.distributed import initialize_distributed
+    from megatron_solopo.training import checkpoint as ckpt
+
+    dataset = PreferenceDataset(config.data.train_prefix)
+    model = resolve_model_config(config, {}, dataset)
+    initialize_distributed(config.parallel, model=model, seed=config.training.seed)
+    padded_vocab = model.padded_vocab_size(config.parallel.tensor_model_parallel_size)
+    chunks = build_model(model, build_transformer_config(model, config.parallel, config.precision),
+                         padded_vocab_size=padded_vocab)
+    run_config = {"model": dataclasses.asdict(model), "padded_vocab_size": padded_vocab,
+                  "tokenizer": dataclasses.asdict(config.tokenizer),
+                  "parallel": dataclasses.asdict(config.parallel)}
+    return ckpt.save_checkpoint(output, ckpt.RELEASE, chunks, run_config)

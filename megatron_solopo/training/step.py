@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from megatron_solopo.data.batch import PackedMicroBatch
-from megatron_solopo.model.logprobs import forward_packed, masked_sequence_sums
+from megatron_solopo.model.logprobs import (DEFAULT_LOGPROB_CHUNK, forward_packed,
+                                            masked_sequence_sums)
 from megatron_solopo.parallel import context_parallel as cpar
 from megatron_solopo.training.loss import undo_megatron_loss_scaling
 
@@ -65,9 +66,11 @@ class ScheduleInfo:
     cp_group: object
     device: torch.device
     vocab_size: int  # unpadded; padded entries are masked out of the softmax
+    logprob_chunk_size: int
 
 
-def schedule_info(num_microbatches: int, vocab_size: int) -> ScheduleInfo:
+def schedule_info(num_microbatches: int, vocab_size: int,
+                  logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> ScheduleInfo:
     from megatron.core import parallel_state
 
     return ScheduleInfo(
@@ -79,6 +82,7 @@ def schedule_info(num_microbatches: int, vocab_size: int) -> ScheduleInfo:
         device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
         else torch.device("cpu"),
         vocab_size=vocab_size,
+        logprob_chunk_size=logprob_chunk_size,
     )
 
 
@@ -95,14 +99,21 @@ def _loss_func(loss_fn: LossFn, info: ScheduleInfo, full: PackedMicroBatch,
 
 
 def make_forward_step(loss_fn: LossFn, info: ScheduleInfo,
-                      on_token_logps: Optional[Callable[[PackedMicroBatch, Tensor], None]] = None):
+                      on_token_logps: Optional[Callable[[PackedMicroBatch, Tensor], None]] = None,
+                      logprob_mask_fn: Optional[Callable[[PackedMicroBatch], Tensor]] = None):
     """A Megatron ``forward_step_func``. ``on_token_logps(local_batch, logps)`` (optional) sees the
-    per-token log-probs on the last stage, e.g. for tests or reference precompute."""
+    per-token log-probs on the last stage, e.g. for tests. ``logprob_mask_fn(batch)`` says where
+    log-probs are needed (default: every real target); it is applied before the CP split."""
 
     def forward_step(data_iterator, model):
         full = next(data_iterator).to(info.device)
         local = cpar.shard_micro_batch(full, info.context_parallel_size, info.context_parallel_rank)
-        output = forward_packed(model, local, info.vocab_size)
+        mask = None
+        if logprob_mask_fn is not None:
+            mask = cpar.shard_tokens(logprob_mask_fn(full), full.cu_seqlens,
+                                     info.context_parallel_size, info.context_parallel_rank)
+        output = forward_packed(model, local, info.vocab_size, logprob_mask=mask,
+                                chunk_size=info.logprob_chunk_size)
 
         def loss_func(token_logps: Tensor):
             if on_token_logps is not None:
@@ -122,14 +133,16 @@ def forward_backward(
     vocab_size: int,
     forward_only: bool = False,
     on_token_logps=None,
+    logprob_mask_fn=None,
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK,
 ) -> list[dict[str, Tensor]]:
     """One pass of Megatron's schedule over this rank's micro-batches; returns the metrics dict of
     each micro-batch (only on the last pipeline stage; an empty list elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
-    info = schedule_info(len(micro_batches), vocab_size)
-    forward_step = make_forward_step(loss_fn, info, on_token_logps)
+    info = schedule_info(len(micro_batches), vocab_size, logprob_chunk_size)
+    forward_step = make_forward_step(loss_fn, info, on_token_logps, logprob_mask_fn)
     # Every virtual stage consumes the same micro-batches (each needs cu_seqlens).
     iterators = [iter(micro_batches) for _ in model_chunks]
     max_tokens = max(batch.num_tokens for batch in micro_batches)

@@ -1,0 +1,60 @@
+"""Entry point: ``torchrun --nproc-per-node N -m megatron_solopo.train --config run.yaml
+[section.field=value ...]`` (or one process per GPU under ``srun``).
+
+``--dry-run`` validates the config and the parallel layout, and prints the parameter count and a
+memory estimate per GPU, without starting any process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_solopo.config import load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_solopo.train",
+        description="SoLoPO / LongPO / DPO training on Megatron-Core. Config: YAML sections plus "
+                    "section.field=value overrides (docs/training.md).")
+    parser.add_argument("--config", help="YAML run config (examples/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config and layout, print parameters and memory per GPU, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: the world size to check (default: WORLD_SIZE or "
+                             "SLURM_NTASKS or 1)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, tuple(args.overrides))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from megatron_solopo.training.planner import dry_run
+
+        try:
+            print(dry_run(config, args.world_size))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    from megatron_solopo.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        trainer.setup()
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    return 0 if summary["iterations"] >= config.training.train_iters else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

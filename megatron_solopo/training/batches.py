@@ -1,0 +1,104 @@
+"""From dataset records to this rank's micro-batches of one step, and from per-sequence log-probs
+back to one value per (preference group, role) for the objective."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from megatron_solopo.data.batch import PackedMicroBatch
+from megatron_solopo.roles import Role
+
+
+@dataclasses.dataclass
+class StepData:
+    """What one rank needs for one optimizer step."""
+
+    micro_batches: list[PackedMicroBatch]
+    num_groups: int  # preference groups in the GLOBAL batch (the loss normalizer)
+    num_tokens: int  # real tokens of this rank's micro-batches (throughput)
+
+
+class MicroBatchBuilder:
+    """Packs this data-parallel rank's share of each global batch into micro-batches."""
+
+    def __init__(self, dataset, roles: Sequence[Role], *, token_budget: int, pad_multiple: int,
+                 pad_token_id: int, fixed_length: bool):
+        self.dataset = dataset
+        self.roles = tuple(roles)
+        self.token_budget = token_budget
+        self.pad_multiple = pad_multiple
+        self.pad_token_id = pad_token_id
+        self.fixed_length = fixed_length
+        if fixed_length and token_budget % pad_multiple != 0:
+            raise ValueError(f"data.max_tokens_per_micro_batch={token_budget} must be a multiple of "
+                             f"{pad_multiple} (2*CP, times TP with sequence parallelism) with "
+                             f"data.fixed_length_micro_batches")
+
+    def build(self, indices: Sequence[int], num_groups_global: int) -> StepData:
+        from megatron_solopo.data.packing import build_micro_batches
+
+        batches = build_micro_batches(self.dataset, list(indices), self.roles,
+                                      token_budget=self.token_budget,
+                                      pad_multiple=self.pad_multiple,
+                                      pad_token_id=self.pad_token_id)
+        if self.fixed_length:
+            batches = [batch.padded_to(self.token_budget) for batch in batches]
+        num_tokens = sum(int(batch.seq_lengths.sum()) for batch in batches)
+        return StepData(batches, num_groups_global, num_tokens)
+
+
+def group_role_values(values: Tensor, batch: PackedMicroBatch, role: Role) -> Tensor:
+    """Sum per (group, role) of a per-sequence tensor ``[S]`` -> ``[G]``. Several sequences of one
+    role in a group (multi-turn references) add up."""
+    selected = batch.roles.to(values.device) == role.index
+    groups = batch.group_index.to(values.device)[selected]
+    out = torch.zeros(batch.num_groups, dtype=values.dtype, device=values.device)
+    return out.index_add(0, groups, values[selected])
+
+
+def roles_present(batch: PackedMicroBatch) -> set[Role]:
+    return {Role.from_index(int(index)) for index in batch.roles.unique().tolist()}
+
+
+def logprob_positions(batch: PackedMicroBatch, whole_sequence_roles: Sequence[Role]) -> Tensor:
+    """Bool mask of the positions whose log-prob the objective needs: response targets, plus every
+    real target of the sequences whose role needs the whole sequence (LongPO's NLL)."""
+    needed = batch.loss_mask.bool()
+    if whole_sequence_roles:
+        per_sequence = torch.zeros(batch.num_sequences, dtype=torch.bool)
+        for role in whole_sequence_roles:
+            per_sequence |= batch.roles.cpu() == role.index
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long().cpu()
+        per_token = torch.repeat_interleave(per_sequence, lengths).to(needed.device)
+        needed = needed | (per_token & batch.target_mask.bool())
+    return needed
+
+
+def cycle(sampler) -> Iterator[list[int]]:
+    """Global batches forever (the sampler rolls over epochs itself)."""
+    while True:
+        yielded = False
+        for indices in sampler:
+            yielded = True
+            yield list(indices)
+        if not yielded:
+            raise ValueError("the training set yields no complete global batch: it has fewer "
+                             "records than training.global_batch_size")
+
+
+def reference_tensor(values: Optional[dict], batch: PackedMicroBatch, role: Role) -> Tensor:
+    """Reference log-probs of ``role`` for the groups of ``batch`` from a {(sample, role): value}
+    lookup (precomputed cache or live pass)."""
+    assert values is not None
+    rows = []
+    for sample in batch.sample_indices.tolist():
+        key = (int(sample), role)
+        if key not in values:
+            raise ValueError(f"no reference log-prob for record {batch.sample_ids[len(rows)]!r} "
+                             f"role {role}")
+        rows.append(values[key])
+    return torch.tensor(rows, dtype=torch.float32)

@@ -1,0 +1,115 @@
+"""``--dry-run``: validate a run's config and layout and estimate memory per GPU, on any machine.
+
+The estimate is deliberately simple and says what it counts (docs/training.md): weights, main
+gradients and Adam state per GPU from the parameter count of the fullest pipeline stage, plus
+activations of the micro-batches a 1F1B stage keeps in flight, plus the LM-head chunk. It is an
+order-of-magnitude guide for choosing TP/CP/PP, not a promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from megatron_solopo.config import JobConfig, reference_mode
+from megatron_solopo.parallel.layout import validate_parallel_layout
+
+GIB = 1024 ** 3
+
+
+def _world_size(explicit: Optional[int]) -> int:
+    if explicit:
+        return explicit
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def _model_for_plan(config: JobConfig):
+    model = config.model
+    if model.vocab_size == 0 and config.data.train_prefix:
+        import json
+
+        sidecar = config.data.train_prefix + ".json"
+        if os.path.exists(sidecar):
+            with open(sidecar) as handle:
+                model = dataclasses.replace(model, vocab_size=int(json.load(handle)["vocab_size"]))
+    if model.vocab_size == 0:
+        raise ValueError("model.vocab_size is unknown: set it, or point data.train_prefix at a "
+                         "preprocessed dataset")
+    return model
+
+
+def stage_parameters(config: JobConfig, model, padded_vocab: int) -> int:
+    """Parameters held by one GPU of the fullest pipeline stage."""
+    parallel = config.parallel
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    h, f = model.hidden_size, model.ffn_hidden_size
+    q = model.num_attention_heads * model.kv_channels
+    kv = model.num_query_groups * model.kv_channels
+    per_layer = (h * (q + 2 * kv) + q * h + 3 * h * f) / tp + 2 * h
+    layers = model.num_layers // pp * per_layer
+    embedding = padded_vocab * h / tp
+    if pp == 1:
+        return int(layers + embedding + h + (embedding if model.untie_embeddings_and_output_weights else 0))
+    # The last stage always holds an output layer (a synchronized copy when embeddings are tied).
+    first, last = layers + embedding, layers + h + embedding
+    return int(max(first, last))
+
+
+def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
+    model = _model_for_plan(config)
+    parallel = config.parallel
+    world = _world_size(world_size)
+    dp = validate_parallel_layout(parallel, world, num_layers=model.num_layers,
+                                  num_attention_heads=model.num_attention_heads,
+                                  num_query_groups=model.num_query_groups)
+    if config.training.global_batch_size % dp != 0:
+        raise ValueError(f"training.global_batch_size={config.training.global_batch_size} is not "
+                         f"divisible by the data-parallel size {dp}")
+    tp, cp, pp = (parallel.tensor_model_parallel_size, parallel.context_parallel_size,
+                  parallel.pipeline_model_parallel_size)
+    padded_vocab = model.padded_vocab_size(tp)
+    total = model.num_parameters(padded_vocab)
+    per_gpu = stage_parameters(config, model, padded_vocab)
+    param_bytes = 2 if config.precision.bf16 else 4
+    distributed = bool(config.optimizer.get("use_distributed_optimizer"))
+    grad_bytes = 4 if config.ddp.get("grad_reduce_in_fp32", True) or not config.precision.bf16 else 2
+    optimizer_bytes = (4 if config.precision.bf16 else 0) + 8  # fp32 main copy + Adam m, v
+    weights = per_gpu * param_bytes
+    grads = per_gpu * grad_bytes
+    optimizer = per_gpu * optimizer_bytes / (dp if distributed else 1)
+    tokens = config.data.max_tokens_per_micro_batch / cp
+    sp_divisor = tp if parallel.sequence_parallel else 1
+    recompute = model.transformer_overrides.get("recompute_granularity")
+    # Per layer and token: ~34*h bytes without recompute (Korthikanti et al. 2022, attention
+    # scores not stored thanks to flash attention), ~2*h with full recompute (layer inputs only).
+    per_token_layer = (2 if recompute == "full" else 34) * model.hidden_size / sp_divisor
+    in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches of activations
+    activations = tokens * per_token_layer * (model.num_layers // pp) * in_flight
+    head = config.training.logprob_chunk_size * padded_vocab / tp * (2 + 4 + 4)
+    reference = 0.0
+    if reference_mode(config) == "live":
+        reference = weights  # a frozen copy of the weights, forward only
+    peak = weights + grads + optimizer + activations + head + reference
+    lines = [
+        f"layout: {parallel.describe(world)} (data-parallel size {dp})",
+        f"model: {model.family}, {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads / {model.num_query_groups} KV heads, vocab "
+        f"{model.vocab_size} (padded {padded_vocab})",
+        f"parameters: {total:,} total, {per_gpu:,} on the fullest GPU",
+        f"objective: {config.objective.get('name')} | reference: {reference_mode(config)}",
+        "memory per GPU (estimate):",
+        f"  weights ({param_bytes} B/param)          {weights / GIB:8.2f} GiB",
+        f"  main gradients ({grad_bytes} B/param)    {grads / GIB:8.2f} GiB",
+        f"  optimizer state{' (distributed)' if distributed else ''}      {optimizer / GIB:8.2f} GiB",
+        f"  activations ({int(tokens)} tokens/GPU/micro-batch, {in_flight} in flight, "
+        f"recompute={recompute or 'none'})  {activations / GIB:8.2f} GiB",
+        f"  LM head chunk ({config.training.logprob_chunk_size} positions)  {head / GIB:8.2f} GiB",
+    ]
+    if reference:
+        lines.append(f"  live reference weights          {reference / GIB:8.2f} GiB")
+    lines.append(f"  total                           {peak / GIB:8.2f} GiB")
+    return "\n".join(lines)

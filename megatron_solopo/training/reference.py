@@ -1,0 +1,177 @@
+"""Reference log-probs: precomputed once (default) or from a live frozen model.
+
+The cache holds, for every record and reference role, the frozen model's ``logp(response |
+context)`` (the same masked sum the policy side uses), plus what it was computed from: a
+fingerprint of the reference checkpoint, the dataset's identity and the roles. Training refuses
+a cache whose fingerprint or dataset does not match. For LongPO the reference roles are the
+*short* ones, so precomputing is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_solopo.roles import ALL_ROLES, Role
+
+CACHE_SUFFIX = ".reference.npz"
+
+
+def default_cache_path(data_prefix: str) -> str:
+    return data_prefix + CACHE_SUFFIX
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """Identity of a checkpoint directory without reading all of it: sha256 over every file's
+    relative name, size and first/last MiB, and the full ``metadata.json``/``run_config.yaml``."""
+    from megatron_solopo.training.checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(path)
+    if directory is None:
+        raise ValueError(f"reference checkpoint {path} does not exist (no tracker file or "
+                         f"checkpoint directory)")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = file.relative_to(directory).as_posix()
+        size = file.stat().st_size
+        digest.update(f"{relative}:{size}\n".encode())
+        with open(file, "rb") as handle:
+            if relative in ("metadata.json", "run_config.yaml") or size <= 2 << 20:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class ReferenceCache:
+    logps: np.ndarray  # [num_records, len(ALL_ROLES)] float64, NaN where not computed
+    record_ids: list[str]
+    metadata: dict
+
+    def lookup(self) -> dict:
+        """{(record index, Role): logp} for every computed entry."""
+        values = {}
+        rows, cols = np.nonzero(~np.isnan(self.logps))
+        for row, col in zip(rows.tolist(), cols.tolist()):
+            values[(row, ALL_ROLES[col])] = float(self.logps[row, col])
+        return values
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, logps=self.logps, record_ids=np.array(self.record_ids, dtype=object),
+                 metadata=np.array(json.dumps(self.metadata)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "ReferenceCache":
+        if not Path(path).exists():
+            raise ValueError(f"reference cache {path} does not exist; compute it with "
+                             f"tools/precompute_reference.py (or set reference.mode=live)")
+        with np.load(path, allow_pickle=True) as data:
+            return cls(data["logps"], list(data["record_ids"]), json.loads(str(data["metadata"])))
+
+    def check(self, *, fingerprint: str, dataset_metadata: dict, roles: Sequence[Role],
+              path: str) -> None:
+        """Refuse a stale cache with a message that says what changed."""
+        meta = self.metadata
+        if meta.get("checkpoint_fingerprint") != fingerprint:
+            raise ValueError(
+                f"reference cache {path} is stale: it was computed from checkpoint "
+                f"{meta.get('checkpoint')} (fingerprint {str(meta.get('checkpoint_fingerprint'))[:12]}), "
+                f"but the reference model now is a different checkpoint (fingerprint "
+                f"{fingerprint[:12]}). Recompute it with tools/precompute_reference.py")
+        for key in ("source_hash", "num_records", "tokenizer"):
+            if key in meta.get("dataset", {}) and meta["dataset"][key] != dataset_metadata.get(key):
+                raise ValueError(f"reference cache {path} was computed on another dataset "
+                                 f"({key}: {meta['dataset'][key]!r} vs {dataset_metadata.get(key)!r}); "
+                                 f"recompute it")
+        missing = [str(r) for r in roles if r.value not in meta.get("roles", [])]
+        if missing:
+            raise ValueError(f"reference cache {path} lacks role(s) {missing} needed by the "
+                             f"objective (it has {meta.get('roles')}); recompute it")
+
+
+def gather_values(local: dict, num_records: int, group=None) -> np.ndarray:
+    """Merge {(index, role): value} dicts of several ranks into a dense array (NaN elsewhere).
+    Every rank of ``group`` must call this."""
+    dense = torch.full((num_records, len(ALL_ROLES)), float("nan"), dtype=torch.float64)
+    for (index, role), value in local.items():
+        dense[index, role.index] = value
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        present = (~torch.isnan(dense)).to(torch.float64)
+        filled = torch.nan_to_num(dense, nan=0.0)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        filled, present = filled.to(device), present.to(device)
+        dist.all_reduce(filled, group=group)
+        dist.all_reduce(present, group=group)
+        dense = torch.where(present.cpu() > 0, filled.cpu() / present.cpu().clamp(min=1),
+                            torch.tensor(float("nan"), dtype=torch.float64))
+    return dense.numpy()
+
+
+def build_frozen_model(model_config, parallel, precision, *, checkpoint: Optional[str],
+                       padded_vocab_size: int, init_from=None) -> list:
+    """Model chunks for forward-only use (reference): bf16 wrapper when asked, weights from
+    ``checkpoint`` (or copied from the ``init_from`` model chunks), no gradients."""
+    from megatron_solopo.model.build import build_model
+    from megatron_solopo.model.config import build_transformer_config
+    from megatron_solopo.model.state import gather_full_state_dict, load_full_state_dict
+    from megatron_solopo.training.checkpoint import load_checkpoint
+
+    transformer_config = build_transformer_config(model_config, parallel, precision,
+                                                  variable_seq_lengths=True)
+    chunks = build_model(model_config, transformer_config, padded_vocab_size=padded_vocab_size)
+    if transformer_config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(transformer_config, chunk) for chunk in chunks]
+    if checkpoint:
+        if load_checkpoint(checkpoint, chunks, padded_vocab_size=padded_vocab_size) is None:
+            raise ValueError(f"reference checkpoint {checkpoint} holds no checkpoint")
+    elif init_from is not None:
+        load_full_state_dict(chunks, gather_full_state_dict(init_from))
+    for chunk in chunks:
+        chunk.eval()
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+    return chunks
+
+
+def compute_reference_logps(model_chunks, builder, indices: Sequence[int], roles: Sequence[Role],
+                            *, vocab_size: int, logprob_chunk_size: int,
+                            batch_size: int = 64) -> dict:
+    """{(record index, role): logp(response | context)} for ``indices`` (this rank's share),
+    forward only through Megatron's schedule; filled on the last pipeline stage."""
+    from megatron_solopo.training.batches import group_role_values
+    from megatron_solopo.training.step import forward_backward
+
+    values: dict = {}
+
+    def record(batch, sums):
+        for role in roles:
+            per_group = group_role_values(sums.response_logps, batch, role)
+            present = group_role_values(torch.ones_like(sums.response_logps), batch, role)
+            for sample, value, count in zip(batch.sample_indices.tolist(), per_group.tolist(),
+                                            present.tolist()):
+                if count > 0:
+                    values[(int(sample), role)] = value
+        return sums.response_logps.sum() * 0.0, {}
+
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            step = builder.build(indices[start:start + batch_size], batch_size)
+            forward_backward(model_chunks, step.micro_batches, record, vocab_size=vocab_size,
+                             forward_only=True, logprob_chunk_size=logprob_chunk_size)
+    return values

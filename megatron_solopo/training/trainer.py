@@ -1,0 +1,428 @@
+"""The trainer: SoLoPO / LongPO / DPO on packed preference groups with Megatron-Core.
+
+``Trainer(config).setup()`` builds everything (process groups, model, optimizer, data, reference,
+writers); ``train()`` runs the loop and returns a summary. One step reads top to bottom: this
+rank's micro-batches -> reference log-probs (live mode) -> forward/backward through Megatron's
+schedule -> finite check -> optimizer step (clips) -> scheduler -> metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_solopo.config import JobConfig, reference_mode, resolved_objective
+from megatron_solopo.model.config import build_transformer_config
+from megatron_solopo.objectives import ObjectiveInputs, RoleLogps
+from megatron_solopo.roles import Role
+from megatron_solopo.training import checkpoint as ckpt
+from megatron_solopo.training import metrics as metrics_lib
+from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
+from megatron_solopo.training.batches import (MicroBatchBuilder, StepData, cycle,
+                                              group_role_values, logprob_positions,
+                                              reference_tensor)
+from megatron_solopo.training.optimizer import build_optimizer, current_lr, ddp_config, grads_are_finite
+from megatron_solopo.training.step import forward_backward
+
+logger = logging.getLogger("megatron_solopo")
+
+
+@dataclasses.dataclass
+class StepResult:
+    metrics: dict  # global-batch means (objective metrics and "loss"); empty off the last stage
+    grad_norm: Optional[float]
+    skipped: bool
+    num_tokens: int
+    flops: float
+    elapsed: float
+
+
+class Trainer:
+    def __init__(self, config: JobConfig):
+        self.config = config
+        self.objective = resolved_objective(config)
+        self.reference_mode = reference_mode(config)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.num_skipped = 0
+        self.num_nan = 0
+        self.history: list[dict] = []  # per-iteration metrics on the logging rank
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        from megatron.core import parallel_state
+
+        from megatron_solopo.data.dataset import PreferenceDataset
+        from megatron_solopo.data.packing import pad_multiple_for
+        from megatron_solopo.data.sampler import PreferenceSampler
+        from megatron_solopo.model.build import build_model
+        from megatron_solopo.parallel.distributed import initialize_distributed
+        from megatron_solopo.training.model_setup import wrap_model
+
+        config = self.config
+        self.start_checkpoint = starting_run_config(config.checkpoint.load)
+        self.train_set = PreferenceDataset(config.data.train_prefix)
+        self.model_config = resolve_model_config(config, self.start_checkpoint, self.train_set)
+        self.env = initialize_distributed(config.parallel, model=self.model_config,
+                                          seed=config.training.seed)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.world_size = dist.get_world_size()
+        self.is_logging_rank = dist.get_rank() == self.world_size - 1  # last PP stage
+        self.padded_vocab_size = self.model_config.padded_vocab_size(
+            config.parallel.tensor_model_parallel_size)
+        self.transformer_config = build_transformer_config(
+            self.model_config, config.parallel, config.precision, variable_seq_lengths=True)
+        chunks = build_model(self.model_config, self.transformer_config,
+                             padded_vocab_size=self.padded_vocab_size)
+        self.model = wrap_model(chunks, self.transformer_config, ddp_config(config))
+        self.optimizer, self.scheduler = build_optimizer(config, self.model)
+        self._load_starting_point()
+
+        pad_multiple = pad_multiple_for(config.parallel.context_parallel_size,
+                                        config.parallel.tensor_model_parallel_size,
+                                        config.parallel.sequence_parallel)
+        self.pad_multiple = pad_multiple
+        self.builder = self._builder(self.train_set, self.objective.policy_roles)
+        self.sampler = PreferenceSampler(
+            len(self.train_set), config.training.global_batch_size, self.dp_rank, self.dp_size,
+            seed=config.training.seed, consumed_samples=self.consumed_samples,
+            shuffle=config.data.shuffle)
+        self.batches = cycle(self.sampler)
+        self.valid_set = PreferenceDataset(config.data.valid_prefix) if config.data.valid_prefix else None
+        self._setup_reference()
+        self.run_config = self._run_config()
+        self.writers = metrics_lib.MetricWriters(
+            config.logging.tensorboard_dir, config.logging.wandb_project,
+            config.logging.wandb_exp_name, self.run_config, self.is_logging_rank)
+        if dist.get_rank() == 0:
+            print("[megatron-solopo] resolved config:\n" + yaml.safe_dump(self.run_config, sort_keys=False),
+                  flush=True)
+            print(f"[megatron-solopo] {config.parallel.describe(self.world_size)} | objective "
+                  f"{self.objective.name} | reference {self.reference_mode} | parameters "
+                  f"{self.model_config.num_parameters(self.padded_vocab_size):,} | starting at "
+                  f"iteration {self.iteration}, consumed samples {self.consumed_samples}", flush=True)
+        return self
+
+    def _builder(self, dataset, roles) -> MicroBatchBuilder:
+        return MicroBatchBuilder(
+            dataset, roles, token_budget=self.config.data.max_tokens_per_micro_batch,
+            pad_multiple=self.pad_multiple, pad_token_id=int(dataset.metadata["pad_id"]),
+            fixed_length=self.config.data.fixed_length_micro_batches)
+
+    def _load_starting_point(self) -> None:
+        config = self.config
+        if not config.checkpoint.load:
+            return
+        loaded = ckpt.load_checkpoint(
+            config.checkpoint.load, self.model, optimizer=self.optimizer,
+            load_optimizer=config.checkpoint.load_optimizer and self._same_layout(),
+            padded_vocab_size=self.padded_vocab_size)
+        if loaded is None:
+            return  # an empty save directory on the first run of a requeued job
+        if loaded.is_release:
+            return  # weights only: a fresh run from them
+        common = loaded.common
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common["consumed_samples"])
+        self.num_skipped = int(common.get("num_skipped", 0))
+        self.num_nan = int(common.get("num_nan", 0))
+        self.scheduler.load_state_dict(common["scheduler"])
+        if not loaded.loaded_optimizer and dist.get_rank() == 0:
+            print("[megatron-solopo] resumed weights, iteration and schedule; optimizer state was "
+                  "not restored (parallel layout changed or checkpoint.load_optimizer=false)",
+                  flush=True)
+
+    def _same_layout(self) -> bool:
+        saved = self.start_checkpoint.get("layout")
+        return saved is None or saved == self._layout()
+
+    def _layout(self) -> dict:
+        parallel = dataclasses.asdict(self.config.parallel)
+        parallel.pop("distributed_timeout_minutes")
+        return dict(parallel, world_size=self.world_size,
+                    use_distributed_optimizer=bool(self.config.optimizer.get("use_distributed_optimizer")))
+
+    def _setup_reference(self) -> None:
+        from megatron_solopo.training.reference import (ReferenceCache, checkpoint_fingerprint,
+                                                        default_cache_path)
+
+        self.reference_values = None
+        self.valid_reference_values = None
+        self.reference_model = None
+        if self.reference_mode == "none":
+            return
+        reference_checkpoint = self.config.reference.checkpoint or self.config.checkpoint.load
+        if self.reference_mode == "precomputed":
+            if not reference_checkpoint:
+                raise ValueError("reference.mode=precomputed needs the reference checkpoint: set "
+                                 "reference.checkpoint (or checkpoint.load)")
+            fingerprint = checkpoint_fingerprint(reference_checkpoint)
+            self.reference_values = self._load_cache(
+                self.config.reference.cache or default_cache_path(self.config.data.train_prefix),
+                self.train_set, fingerprint)
+            if self.valid_set is not None:
+                self.valid_reference_values = self._load_cache(
+                    default_cache_path(self.config.data.valid_prefix), self.valid_set, fingerprint)
+            return
+        self.reference_model = self._build_live_reference(reference_checkpoint)
+        self.reference_builder = self._builder(self.train_set, self.objective.reference_roles)
+
+    def _load_cache(self, path: str, dataset, fingerprint: str) -> dict:
+        from megatron_solopo.training.reference import ReferenceCache
+
+        cache = ReferenceCache.load(path)
+        cache.check(fingerprint=fingerprint, dataset_metadata=dataset.metadata,
+                    roles=self.objective.reference_roles, path=path)
+        return cache.lookup()
+
+    def _build_live_reference(self, reference_checkpoint: Optional[str]) -> list:
+        """A frozen copy of the starting model (reference.model_overrides applied)."""
+        from megatron_solopo.training.reference import build_frozen_model
+
+        model = dataclasses.replace(self.model_config, **self.config.reference.model_overrides)
+        return build_frozen_model(model, self.config.parallel, self.config.precision,
+                                  checkpoint=reference_checkpoint,
+                                  padded_vocab_size=self.padded_vocab_size, init_from=self.model)
+
+    def _run_config(self) -> dict:
+        run_config = self.config.to_dict()
+        run_config["model"] = dataclasses.asdict(self.model_config)
+        run_config["padded_vocab_size"] = self.padded_vocab_size
+        run_config["layout"] = self._layout()
+        run_config["dataset"] = {key: self.train_set.metadata.get(key)
+                                 for key in ("tokenizer", "vocab_size", "source_hash", "num_records")}
+        return run_config
+
+    # ------------------------------------------------------------------------------------------
+    # The objective inside Megatron's schedule
+    # ------------------------------------------------------------------------------------------
+    def _loss_fn(self, num_groups: int, reference_values: Optional[dict]):
+        objective = self.objective
+
+        def loss_fn(batch, sums):
+            policy = {}
+            for role in objective.policy_roles:
+                policy[role] = RoleLogps(
+                    logps=group_role_values(sums.response_logps, batch, role),
+                    num_tokens=group_role_values(sums.response_tokens, batch, role),
+                    sequence_logps=group_role_values(sums.target_logps, batch, role),
+                    sequence_num_tokens=group_role_values(sums.target_tokens, batch, role))
+            reference = {}
+            if objective.needs_reference:
+                device = sums.response_logps.device
+                reference = {role: reference_tensor(reference_values, batch, role).to(device)
+                             for role in objective.reference_roles}
+            loss, metrics = objective(ObjectiveInputs(policy=policy, reference=reference,
+                                                      num_groups=float(num_groups)))
+            metrics = dict(metrics)
+            metrics.setdefault("loss", loss.detach())
+            return loss, metrics
+
+        return loss_fn
+
+    def _live_reference_values(self, indices) -> dict:
+        """Reference log-probs of this step's groups from the frozen model (forward only). They
+        exist on the last pipeline stage, which is where the policy's loss is computed too."""
+        from megatron_solopo.training.reference import compute_reference_logps
+
+        return compute_reference_logps(
+            self.reference_model, self.reference_builder, indices, self.objective.reference_roles,
+            vocab_size=self.model_config.vocab_size,
+            logprob_chunk_size=self.config.training.logprob_chunk_size, batch_size=len(indices))
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        from megatron.core import parallel_state
+
+        config = self.config
+        start = time.perf_counter()
+        indices = next(self.batches)
+        step = self.builder.build(indices, config.training.global_batch_size)
+        reference_values = self.reference_values
+        if self.reference_model is not None:
+            reference_values = self._live_reference_values(indices)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        whole = self.objective.sequence_logps_roles
+        outputs = forward_backward(
+            self.model, step.micro_batches, self._loss_fn(step.num_groups, reference_values),
+            vocab_size=self.model_config.vocab_size,
+            logprob_mask_fn=lambda batch: logprob_positions(batch, whole),
+            logprob_chunk_size=config.training.logprob_chunk_size)
+        metrics = self._reduce_metrics(outputs)
+        loss_finite = all(math.isfinite(v) for v in metrics.values())
+        finite = grads_are_finite(self.model, extra_bad=not loss_finite)
+        grad_norm = None
+        if finite:
+            success, grad_norm, _ = self.optimizer.step()
+            finite = bool(success) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += config.training.global_batch_size
+        elapsed = time.perf_counter() - start
+        flops = self._step_flops(step)
+        return StepResult(metrics, grad_norm, not finite, step.num_tokens, flops, elapsed)
+
+    def _step_flops(self, step: StepData) -> float:
+        """Model FLOPs of this rank's micro-batches: forward + backward (3x forward), plus the live
+        reference's forward."""
+        total = 0.0
+        whole = self.objective.sequence_logps_roles
+        for batch in step.micro_batches:
+            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+            positions = int(logprob_positions(batch, whole).sum())
+            total += 3 * metrics_lib.forward_flops(self.model_config, lengths, positions,
+                                                   self.padded_vocab_size)
+        if self.reference_model is not None:
+            total *= 4 / 3  # roughly: one more forward of comparable size
+        return total
+
+    def _reduce_metrics(self, outputs: list) -> dict:
+        """Sum micro-batch metrics (each is already a share of the global mean), then sum over
+        data-parallel ranks only: CP and TP ranks hold identical copies."""
+        from megatron.core import parallel_state
+
+        names = sorted({name for output in outputs for name in output})
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return {}
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        values = torch.stack([sum(output[name].float().to(device) for output in outputs)
+                              for name in names]) if names else torch.zeros(0, device=device)
+        if self.dp_size > 1:
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        return dict(zip(names, values.tolist()))
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation, checkpoints, the loop
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Objective metrics on ``data.valid_prefix`` (forward only), prefixed ``eval/``."""
+        from megatron_solopo.data.sampler import PreferenceSampler
+
+        if self.valid_set is None:
+            return {}
+        config = self.config
+        sampler = PreferenceSampler(len(self.valid_set), config.training.global_batch_size,
+                                    self.dp_rank, self.dp_size, seed=config.training.seed,
+                                    consumed_samples=0, shuffle=False)
+        builder = self._builder(self.valid_set, self.objective.policy_roles)
+        totals: dict = {}
+        for index, indices in zip(range(config.training.eval_iters), sampler):
+            step = builder.build(indices, config.training.global_batch_size)
+            values = self.valid_reference_values
+            with torch.no_grad():
+                outputs = forward_backward(
+                    self.model, step.micro_batches, self._loss_fn(step.num_groups, values),
+                    vocab_size=self.model_config.vocab_size, forward_only=True,
+                    logprob_chunk_size=config.training.logprob_chunk_size)
+            for name, value in self._reduce_metrics(outputs).items():
+                totals[name] = totals.get(name, 0.0) + value / config.training.eval_iters
+        return {f"eval/{name}": value for name, value in totals.items()}
+
+    def save(self) -> None:
+        if not self.config.checkpoint.save:
+            return
+        common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                  "scheduler": self.scheduler.state_dict(), "num_skipped": self.num_skipped,
+                  "num_nan": self.num_nan}
+        path = ckpt.save_checkpoint(self.config.checkpoint.save, self.iteration, self.model,
+                                    self.run_config, optimizer=self.optimizer, common=common)
+        if dist.get_rank() == 0:
+            print(f"[megatron-solopo] saved checkpoint {path}", flush=True)
+
+    def train(self) -> dict:
+        config = self.config
+        first_step = True
+        consecutive_skips = 0
+        start_iteration = self.iteration
+        while self.iteration < config.training.train_iters:
+            result = self.train_step()
+            if result.skipped:
+                self.num_skipped += 1
+                self.num_nan += 1
+                consecutive_skips += 1
+                if consecutive_skips >= config.training.max_consecutive_skipped_steps:
+                    raise RuntimeError(
+                        f"{consecutive_skips} consecutive steps had a NaN/Inf loss or gradient "
+                        f"(iteration {self.iteration}); stopping. Lower the learning rate or check "
+                        f"the data; the last good checkpoint is untouched")
+            else:
+                consecutive_skips = 0
+            self._log(result, first_step)
+            first_step = False
+            if (config.training.eval_interval and self.iteration % config.training.eval_interval == 0
+                    and self.valid_set is not None):
+                self._log_eval(self.evaluate())
+            if (config.checkpoint.save_interval and self.iteration % config.checkpoint.save_interval == 0
+                    and self.iteration < config.training.train_iters):
+                self.save()
+        if self.iteration > start_iteration:
+            self.save()
+        self.writers.close()
+        return {"iterations": self.iteration, "history": self.history,
+                "num_skipped": self.num_skipped}
+
+    def _log(self, result: StepResult, first_step: bool) -> None:
+        config = self.config
+        values = dict(result.metrics)
+        per_gpu_tflops = result.flops / max(result.elapsed, 1e-9) / 1e12
+        tokens_per_sec = result.num_tokens / max(result.elapsed, 1e-9)
+        if not self.is_logging_rank:
+            return
+        record = dict(values, iteration=self.iteration, lr=current_lr(self.optimizer),
+                      grad_norm=result.grad_norm, skipped=result.skipped)
+        self.history.append(record)
+        scalars = {f"train/{name}": value for name, value in values.items()}
+        scalars.update({"train/learning_rate": record["lr"],
+                        "train/grad_norm": result.grad_norm if result.grad_norm is not None else math.nan,
+                        "train/throughput_tflops_per_gpu": per_gpu_tflops,
+                        "train/tokens_per_sec_per_gpu": tokens_per_sec})
+        self.writers.write(scalars, self.iteration)
+        if self.iteration % config.logging.log_interval == 0 or first_step:
+            fields = [
+                f"consumed samples: {self.consumed_samples:12d}",
+                f"elapsed time per iteration (ms): {result.elapsed * 1000:.1f}",
+                f"throughput per GPU (TFLOP/s/GPU): {per_gpu_tflops:.1f}",
+                f"tokens/s/GPU: {tokens_per_sec:.1f}",
+                f"learning rate: {record['lr']:.6E}",
+                f"global batch size: {config.training.global_batch_size:5d}",
+            ]
+            fields += [f"{name}: {value:.6E}" for name, value in values.items()]
+            fields += [f"loss scale: {1.0:.1f}",
+                       f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None
+                       else "grad norm: nan",
+                       f"number of skipped iterations: {int(result.skipped):3d}",
+                       f"number of nan iterations: {self.num_nan:3d}"]
+            print(f" iteration {self.iteration:8d}/{config.training.train_iters:8d} | "
+                  + " | ".join(fields) + " |", flush=True)
+        if first_step:
+            print(metrics_lib.memory_line(), flush=True)
+
+    def _log_eval(self, values: dict) -> None:
+        if not self.is_logging_rank or not values:
+            return
+        self.writers.write(values, self.iteration)
+        self.history.append(dict(values, iteration=self.iteration, eval=True))
+        print(" validation at iteration {:d} | ".format(self.iteration)
+              + " | ".join(f"{name}: {value:.6E}" for name, value in values.items()) + " |",
+              flush=True)
+
+    def close(self) -> None:
+        from megatron_solopo.parallel.distributed import destroy_distributed
+
+        destroy_distributed()

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Precompute reference log-probs for a run (any parallel layout).
+
+    torchrun --nproc-per-node 8 tools/precompute_reference.py --config run.yaml [section.field=value ...]
+
+Runs the frozen reference model (reference.checkpoint, default checkpoint.load) over the
+training set (and data.valid_prefix) and writes <prefix>.reference.npz beside each dataset, with
+the checkpoint's fingerprint: training refuses a cache computed from another checkpoint or dataset.
+"""
+
+import argparse
+import sys
+
+from megatron_solopo.config import load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    parser.add_argument("--output", default=None,
+                        help="cache path for the training set (default <train_prefix>.reference.npz)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    from megatron_solopo.parallel.distributed import destroy_distributed
+    from megatron_solopo.training.precompute import precompute_reference
+
+    try:
+        config = load_config(args.config, tuple(args.overrides))
+        precompute_reference(config, args.output)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
