@@ -135,6 +135,10 @@ class LoggingConfig:
     wandb_exp_name: Optional[str] = None
     """W&B run name."""
 
+    metrics_jsonl: Optional[str] = None
+    """Append one JSON object per iteration (and evaluation) to this file: the same values as
+    the log line, for scripts that should not parse logs."""
+
 
 # Sections that are our dataclasses, and sections that are Megatron-Core's (kept as dicts here and
 # turned into OptimizerConfig / DistributedDataParallelConfig where the job is built).

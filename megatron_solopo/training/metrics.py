@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -50,11 +51,16 @@ class MetricWriters:
     """TensorBoard and W&B, on the logging rank only; both optional."""
 
     def __init__(self, tensorboard_dir: Optional[str], wandb_project: Optional[str],
-                 wandb_name: Optional[str], run_config: dict, enabled: bool):
+                 wandb_name: Optional[str], run_config: dict, enabled: bool,
+                 metrics_jsonl: Optional[str] = None):
         self.tensorboard = None
         self.wandb = None
+        self.jsonl = None
         if not enabled:
             return
+        if metrics_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_jsonl)), exist_ok=True)
+            self.jsonl = open(metrics_jsonl, "a")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -75,8 +81,13 @@ class MetricWriters:
                 self.tensorboard.add_scalar(name, value, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(dict(scalars, iteration=step)) + "\n")
+            self.jsonl.flush()
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.flush()
             self.tensorboard.close()

@@ -103,7 +103,8 @@ class Trainer:
         self.run_config = self._run_config()
         self.writers = metrics_lib.MetricWriters(
             config.logging.tensorboard_dir, config.logging.wandb_project,
-            config.logging.wandb_exp_name, self.run_config, self.is_logging_rank)
+            config.logging.wandb_exp_name, self.run_config, self.is_logging_rank,
+            config.logging.metrics_jsonl)
         if dist.get_rank() == 0:
             print("[megatron-solopo] resolved config:\n" + yaml.safe_dump(self.run_config, sort_keys=False),
                   flush=True)
