@@ -1,78 +1,141 @@
-"""``make demo``: the smallest end-to-end run, on CPU.
+"""``make demo``: a small SoLoPO training on CPU, end to end.
 
-Builds a tiny Llama-style model under TP=2 on 2 gloo ranks (``torchrun``), packs a few random
-preference groups in THD layout and prints per-sequence log-probs by role. (The trainer issue
-replaces this with a short SoLoPO training.)
+1. a SentencePiece tokenizer trained on generated text and synthetic key-value retrieval records
+   (the short context holds the relevant pairs, the long one hides them among distractors);
+2. ``tools/preprocess_data.py``'s library: validate, tokenize, write ``.bin/.idx/.json``;
+3. a randomly initialized tiny Llama-style model saved as the starting (and reference) checkpoint;
+4. reference log-probs precomputed with it (2 gloo ranks, ``torchrun``);
+5. SoLoPO (DPO base + SoLo-RA) for a few dozen steps (2 gloo ranks, TP=2 by default), printing
+   Megatron's log line, then a summary: loss and reward accuracy at the start and the end.
+
+Everything happens under ``--workdir`` (default ``runs/demo``); nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-import torch
-
-
-def worker() -> None:
-    from megatron.core import parallel_state
-
-    from megatron_solopo.data.batch import PackedMicroBatch
-    from megatron_solopo.model.build import build_model
-    from megatron_solopo.model.config import ModelConfig, build_transformer_config
-    from megatron_solopo.model.logprobs import forward_packed, masked_sequence_sums
-    from megatron_solopo.parallel.distributed import destroy_distributed, initialize_distributed
-    from megatron_solopo.parallel.layout import ParallelConfig
-    from megatron_solopo.roles import Role
-
-    torch.set_num_threads(1)
-    parallel = ParallelConfig(tensor_model_parallel_size=2)
-    model_cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                            num_attention_heads=4, num_query_groups=2, vocab_size=200)
-    initialize_distributed(parallel, model=model_cfg)
-    (model,) = build_model(model_cfg, build_transformer_config(model_cfg, parallel))
-    gen = torch.Generator().manual_seed(0)
-    roles = [Role.SHORT_CHOSEN, Role.SHORT_REJECTED, Role.LONG_CHOSEN]
-    lengths = [24, 20, 96]
-    tokens, cu = [], [0]
-    for length in lengths:
-        tokens.append(torch.randint(1, 200, (length,), generator=gen))
-        cu.append(cu[-1] + length)
-    ids = torch.cat(tokens)
-    labels = torch.cat([torch.cat([t[1:], t.new_zeros(1)]) for t in tokens])
-    response = torch.cat([torch.cat([torch.zeros(len(t) - 9), torch.ones(8), torch.zeros(1)])
-                          for t in tokens])
-    batch = PackedMicroBatch(
-        tokens=ids, labels=labels, loss_mask=response, target_mask=(labels > 0).float(),
-        position_ids=torch.cat([torch.arange(n) for n in lengths]),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        seq_lengths=torch.tensor(lengths, dtype=torch.int32),
-        roles=torch.tensor([r.index for r in roles]), group_index=torch.zeros(3, dtype=torch.long),
-        sample_indices=torch.zeros(1, dtype=torch.long), sample_ids=["demo-0"], max_seqlen=96)
-    with torch.no_grad():
-        logps = forward_packed(model, batch, model_cfg.vocab_size)
-    sums = masked_sequence_sums(logps, batch.loss_mask, batch.cu_seqlens)
-    if torch.distributed.get_rank() == 0:
-        print(f"tiny Llama-style GPTModel, TP={parallel_state.get_tensor_model_parallel_world_size()}"
-              f", one packed micro-batch of {batch.num_tokens} tokens")
-        for role, value in zip(roles, sums.tolist()):
-            print(f"  logp(response | {role.context} context) for {role.response}: {value:.4f}")
-    destroy_distributed()
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "examples" / "demo_solopo_cpu.yaml"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker()
-        return
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", "29731", "-m", "megatron_solopo.demo", "--worker"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    sys.exit(subprocess.call(command, env=env))
+def _run(command: list[str], env: dict) -> None:
+    print("+ " + " ".join(command), flush=True)
+    result = subprocess.run(command, env=env, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"demo step failed (exit {result.returncode}): {' '.join(command)}")
+
+
+def prepare_data(workdir: Path, num_train: int, num_valid: int, seed: int) -> dict:
+    """Tokenizer, synthetic records and preprocessed datasets; returns their paths."""
+    from megatron_solopo.data import synthetic
+    from megatron_solopo.data.preprocess import preprocess
+
+    data_dir = workdir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_model = synthetic.train_sentencepiece_tokenizer(str(data_dir / "tokenizer"),
+                                                              vocab_size=256)
+    paths = {"tokenizer_model": str(tokenizer_model)}
+    for split, count, split_seed in (("train", num_train, seed), ("valid", num_valid, seed + 1)):
+        jsonl = data_dir / f"{split}.jsonl"
+        records = synthetic.generate_records("kv_retrieval", count, seed=split_seed,
+                                             long_length=400)
+        synthetic.write_jsonl(records, str(jsonl))
+        prefix = data_dir / split
+        preprocess(inputs=[str(jsonl)], output_prefix=str(prefix),
+                   tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tokenizer_model),
+                   workers=1)
+        paths[split] = str(prefix)
+    return paths
+
+
+def summarize(metrics_file: Path) -> dict:
+    """First and last training values, last evaluation; what the e2e test asserts on."""
+    train = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steps = [row for row in train if "train/loss" in row]
+    evals = [row for row in train if any(key.startswith("eval/") for key in row)]
+    accuracy_key = next((key for key in steps[-1] if key.endswith("rewards/accuracies")), None)
+    tail = steps[-5:]
+    summary = {
+        "iterations": steps[-1]["iteration"],
+        "first_loss": steps[0]["train/loss"],
+        "final_loss": sum(row["train/loss"] for row in tail) / len(tail),
+        "accuracy_key": accuracy_key,
+        "final_train_accuracy": (sum(row[accuracy_key] for row in tail) / len(tail)
+                                 if accuracy_key else None),
+    }
+    if evals:
+        summary["eval"] = {key: value for key, value in evals[-1].items() if key.startswith("eval/")}
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"))
+    parser.add_argument("--nproc", type=int, default=2, help="gloo ranks")
+    parser.add_argument("--train-iters", type=int, default=None)
+    parser.add_argument("--num-train", type=int, default=320)
+    parser.add_argument("--num-valid", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("overrides", nargs="*", help="extra section.field=value for training")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    workdir = Path(args.workdir).resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    print(f"[demo] work directory: {workdir}", flush=True)
+    paths = prepare_data(workdir, args.num_train, args.num_valid, args.seed)
+
+    metrics_file = workdir / "metrics.jsonl"
+    overrides = [
+        f"data.train_prefix={paths['train']}",
+        f"data.valid_prefix={paths['valid']}",
+        f"tokenizer.tokenizer_model={paths['tokenizer_model']}",
+        f"checkpoint.load={workdir / 'init'}",
+        f"checkpoint.save={workdir / 'checkpoints'}",
+        f"logging.metrics_jsonl={metrics_file}",
+        f"logging.tensorboard_dir={workdir / 'tensorboard'}",
+        "training.eval_interval=10",
+        "training.eval_iters=1",
+        f"parallel.tensor_model_parallel_size={args.nproc if args.nproc > 1 else 1}",
+    ]
+    if args.train_iters:
+        overrides.append(f"training.train_iters={args.train_iters}")
+    overrides += args.overrides
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    python = sys.executable
+    _run([python, "tools/init_checkpoint.py", "--config", str(DEMO_CONFIG), "--output",
+          str(workdir / "init"), *overrides, "parallel.tensor_model_parallel_size=1"], env)
+    torchrun = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+                "--master-port", str(29600 + os.getpid() % 1000)]
+    _run(torchrun + ["tools/precompute_reference.py", "--config", str(DEMO_CONFIG), *overrides], env)
+    _run(torchrun + ["-m", "megatron_solopo.train", "--config", str(DEMO_CONFIG), *overrides], env)
+
+    summary = summarize(metrics_file)
+    summary["elapsed_seconds"] = round(time.time() - started, 1)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n[demo] summary")
+    print(f"  iterations:           {summary['iterations']}")
+    print(f"  SoLoPO loss:          {summary['first_loss']:.4f} (first step) -> "
+          f"{summary['final_loss']:.4f} (mean of last 5)")
+    if summary["final_train_accuracy"] is not None:
+        print(f"  reward accuracy:      {summary['final_train_accuracy']:.3f} "
+              f"({summary['accuracy_key']}, mean of last 5 steps)")
+    for key, value in sorted(summary.get("eval", {}).items()):
+        print(f"  {key:<30s} {value:.4f}")
+    print(f"  elapsed:              {summary['elapsed_seconds']} s")
+    print(f"  checkpoints:          {workdir / 'checkpoints'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -71,6 +71,10 @@ class Trainer:
         config = self.config
         self.start_checkpoint = starting_run_config(config.checkpoint.load)
         self.train_set = PreferenceDataset(config.data.train_prefix)
+        needed = set(self.objective.policy_roles)
+        if self.reference_mode == "live":
+            needed |= set(self.objective.reference_roles)
+        self.train_set.check_roles(sorted(needed, key=lambda role: role.index))
         self.model_config = resolve_model_config(config, self.start_checkpoint, self.train_set)
         self.env = initialize_distributed(config.parallel, model=self.model_config,
                                           seed=config.training.seed)
@@ -398,12 +402,16 @@ class Trainer:
             fields = [
                 f"consumed samples: {self.consumed_samples:12d}",
                 f"elapsed time per iteration (ms): {result.elapsed * 1000:.1f}",
-                f"throughput per GPU (TFLOP/s/GPU): {per_gpu_tflops:.1f}",
+                # CPU runs are far below 0.1 TFLOP/s: keep significant digits there.
+                f"throughput per GPU (TFLOP/s/GPU): "
+                + (f"{per_gpu_tflops:.1f}" if per_gpu_tflops >= 1 else f"{per_gpu_tflops:.3g}"),
                 f"tokens/s/GPU: {tokens_per_sec:.1f}",
                 f"learning rate: {record['lr']:.6E}",
                 f"global batch size: {config.training.global_batch_size:5d}",
             ]
-            fields += [f"{name}: {value:.6E}" for name, value in values.items()]
+            # Megatron's order: the loss first, then our preference metrics.
+            ordered = sorted(values, key=lambda name: (name != "loss", name))
+            fields += [f"{name}: {values[name]:.6E}" for name in ordered]
             fields += [f"loss scale: {1.0:.1f}",
                        f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None
                        else "grad norm: nan",
