@@ -11,9 +11,10 @@ from megatron_solopo.roles import Role
 
 def random_packed_batch(groups: list[list[int]], vocab_size: int, pad_multiple: int, seed: int,
                         roles: tuple[Role, ...] = (Role.SHORT_CHOSEN, Role.SHORT_REJECTED),
-                        first_sample: int = 0) -> PackedMicroBatch:
+                        first_sample: int = 0, response_tokens=None) -> PackedMicroBatch:
     """``groups[g]`` lists the real lengths of group g's sequences (one per role, in order).
-    The second half of each sequence (at least one token) is its response."""
+    The second half of each sequence (at least one token) is its response, or its last
+    ``response_tokens`` tokens."""
     gen = torch.Generator().manual_seed(seed)
     tokens, labels, loss_mask, target_mask, positions = [], [], [], [], []
     cu, lengths, role_tags, group_index = [0], [], [], []
@@ -21,7 +22,7 @@ def random_packed_batch(groups: list[list[int]], vocab_size: int, pad_multiple: 
         for s, length in enumerate(seq_lengths):
             padded = -(-length // pad_multiple) * pad_multiple
             ids = torch.randint(1, vocab_size, (length,), generator=gen)
-            prompt = max(1, length // 2)
+            prompt = max(1, length // 2 if response_tokens is None else length - response_tokens)
             seq_tokens = torch.zeros(padded, dtype=torch.long)
             seq_tokens[:length] = ids
             seq_labels = torch.zeros(padded, dtype=torch.long)

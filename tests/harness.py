@@ -12,6 +12,7 @@ function of an importable module (tests/ is a package for this reason).
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import socket
@@ -38,8 +39,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
-            kwargs: dict, results) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float, fn: Callable,
+            args: tuple, kwargs: dict, results) -> None:
+    # A hung collective shows up as every rank's stack on stderr shortly before the timeout.
+    faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=False)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
@@ -79,7 +82,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = context.Queue()
     port = free_port()
     # Not daemonic: ranks may start helper processes (dist_checkpointing does).
-    processes = [context.Process(target=_worker, args=(rank, world_size, port, backend, fn, args, kwargs,
+    processes = [context.Process(target=_worker, args=(rank, world_size, port, backend, timeout, fn, args, kwargs,
                                                        results))
                  for rank in range(world_size)]
     for process in processes:

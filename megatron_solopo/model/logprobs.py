@@ -114,7 +114,10 @@ class LogprobHead:
         out = torch.zeros(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
         if pieces:
             out = out.index_copy(0, positions, torch.cat(pieces))
-        return out
+        # Keep the output attached to the whole graph even where no position is selected (a CP
+        # rank may hold no response token of a micro-batch): its backward must still run, because
+        # the other CP ranks' attention backward exchanges K/V gradients with it.
+        return out + 0.0 * (hidden_states.sum() + weight.sum()).float()
 
     def _chunk_logprobs(self, hidden: Tensor, targets: Tensor, *, weight, tp_group, tp_rank,
                         scale_logits) -> Tensor:

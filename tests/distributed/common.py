@@ -48,14 +48,14 @@ MIXED_SHAPES = [[[5, 3], [61, 58]], [[3, 70]], [[47, 2], [6, 9]], [[66, 5]]]
 
 
 def make_micro_batches(num_microbatches: int, pad_multiple: int, seed: int = 0,
-                       shapes=DEFAULT_SHAPES):
+                       shapes=DEFAULT_SHAPES, response_tokens=None):
     """Micro-batches of 1-2 preference pairs."""
     batches = []
     first = 0
     for index in range(num_microbatches):
         groups = shapes[index % len(shapes)]
         batches.append(random_packed_batch(groups, VOCAB, pad_multiple, seed + index,
-                                           first_sample=first))
+                                           first_sample=first, response_tokens=response_tokens))
         first += len(groups)
     return batches, first
 
@@ -111,7 +111,8 @@ def reference_run(model_cfg: ModelConfig, micro_batches, num_groups: int, seed: 
 
 
 def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micro_batches,
-                 num_groups: int, precision=None, attention_backend="auto"):
+                 num_groups: int, precision=None, attention_backend="auto",
+                 response_logprobs_only=False):
     """The same weights under ``parallel``; this DP rank takes its share of the micro-batches."""
     from megatron.core import parallel_state
 
@@ -131,8 +132,10 @@ def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micr
         loss = pair_loss(batch, sums.response_logps, num_groups)
         return loss, {"loss": loss}
 
+    mask_fn = (lambda batch: batch.loss_mask.bool()) if response_logprobs_only else None
     metrics = forward_backward(model, [micro_batches[i] for i in mine], loss_fn, vocab_size=VOCAB,
-                               on_token_logps=lambda local, logps: seen.append((local, logps)))
+                               on_token_logps=lambda local, logps: seen.append((local, logps)),
+                               logprob_mask_fn=mask_fn)
     loss = torch.stack([m["loss"] for m in metrics]).sum() if metrics else torch.zeros(())
     if torch.cuda.is_available():
         loss = loss.cuda()
@@ -147,6 +150,9 @@ def parallel_run(model_cfg: ModelConfig, parallel: ParallelConfig, weights, micr
 
 
 def assert_close(actual, expected, what, rtol=1e-5):
+    if expected.numel() == 0:  # e.g. a CP rank that holds no response token
+        assert actual.numel() == 0, what
+        return
     scale = expected.abs().max().clamp(min=1e-30)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(scale),
                                msg=lambda m: f"{what}: {m}")
@@ -154,7 +160,7 @@ def assert_close(actual, expected, what, rtol=1e-5):
 
 def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrides=None,
                  shapes=DEFAULT_SHAPES, attention_backend="auto", bf16=False, rtol=1e-5,
-                 reference_backend=None):
+                 reference_backend=None, response_tokens=None, response_logprobs_only=False):
     """Run in every rank: reference vs ``parallel_fields`` layout; raises on any mismatch."""
     from megatron.core import parallel_state
 
@@ -163,7 +169,8 @@ def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrid
     parallel = ParallelConfig(**parallel_fields)
     tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
     pad_multiple = 2 * cp * (tp if parallel.sequence_parallel else 1)
-    micro_batches, num_groups = make_micro_batches(num_microbatches, pad_multiple, shapes=shapes)
+    micro_batches, num_groups = make_micro_batches(num_microbatches, pad_multiple, shapes=shapes,
+                                                   response_tokens=response_tokens)
     if parallel.virtual_pipeline_model_parallel_size:
         # Fixed pipeline shapes (see training/step.py): pad every pack to the longest.
         longest = max(batch.num_tokens for batch in micro_batches)
@@ -173,7 +180,7 @@ def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrid
         attention_backend=reference_backend or attention_backend)
     mine, seen, loss, grads, cp_size, cp_rank = parallel_run(
         model_cfg, parallel, weights, micro_batches, num_groups, precision=precision,
-        attention_backend=attention_backend)
+        attention_backend=attention_backend, response_logprobs_only=response_logprobs_only)
     checked = 0
     if parallel_state.is_pipeline_last_stage():
         assert len(seen) == len(mine)
@@ -181,7 +188,8 @@ def check_layout(parallel_fields: dict, num_microbatches: int = 4, model_overrid
             batch = micro_batches[index]
             expected = ref_logps[index]
             expected = expected[cpar.zigzag_indices(batch.cu_seqlens, cp_size, cp_rank)]
-            mask = local.target_mask.bool()  # pad positions carry no target
+            # Compared where log-probs were computed (pad positions carry no target).
+            mask = (local.loss_mask if response_logprobs_only else local.target_mask).bool()
             assert_close(logps[mask], expected[mask], f"per-token log-probs, micro-batch {index}",
                          rtol)
             checked += 1

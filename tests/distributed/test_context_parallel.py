@@ -38,3 +38,11 @@ def test_one_micro_batch_vs_several_give_same_gradients():
     compared with the single-process reference inside check_layout)."""
     run_distributed(check_layout, 2, dict(context_parallel_size=2), num_microbatches=1)
     run_distributed(check_layout, 2, dict(context_parallel_size=2), num_microbatches=4)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_rank_without_response_tokens_still_joins_backward(cp):
+    """The LM head runs on response positions only; with 2-token responses some CP ranks hold
+    none of them, yet their backward must run (the attention's K/V gradient exchange)."""
+    run_distributed(check_layout, cp, dict(context_parallel_size=cp), shapes=MIXED_SHAPES,
+                    response_tokens=2, response_logprobs_only=True, timeout=120)
