@@ -214,6 +214,12 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "1e7" (no dot, no sign) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ValueError(f"{where}={value!r} should be of type {annotation.__name__}")

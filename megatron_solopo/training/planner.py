@@ -72,7 +72,7 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
     tp, cp, pp = (parallel.tensor_model_parallel_size, parallel.context_parallel_size,
                   parallel.pipeline_model_parallel_size)
     padded_vocab = model.padded_vocab_size(tp)
-    total = model.num_parameters(padded_vocab)
+    total = model.num_parameters(model.vocab_size)
     per_gpu = stage_parameters(config, model, padded_vocab)
     param_bytes = 2 if config.precision.bf16 else 4
     distributed = bool(config.optimizer.get("use_distributed_optimizer"))
@@ -99,7 +99,7 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
         f"model: {model.family}, {model.num_layers} layers, hidden {model.hidden_size}, "
         f"{model.num_attention_heads} heads / {model.num_query_groups} KV heads, vocab "
         f"{model.vocab_size} (padded {padded_vocab})",
-        f"parameters: {total:,} total, {per_gpu:,} on the fullest GPU",
+        f"parameters: {total:,} total (unpadded vocabulary), {per_gpu:,} on the fullest GPU",
         f"objective: {config.objective.get('name')} | reference: {reference_mode(config)}",
         "memory per GPU (estimate):",
         f"  weights ({param_bytes} B/param)          {weights / GIB:8.2f} GiB",
