@@ -15,9 +15,11 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing
 import os
-import socket
+import pickle
 import traceback
 from typing import Any, Callable
+
+from megatron_solopo.parallel.distributed import free_port
 
 _PRELOAD = ["tests.harness", "megatron_solopo.parallel.distributed", "megatron.core.parallel_state",
             "megatron.core.models.gpt", "megatron.core.distributed",
@@ -31,12 +33,6 @@ def _get_context():
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(_PRELOAD)
     return _context
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float, fn: Callable,
@@ -58,7 +54,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float,
         torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                                              rank=rank, world_size=world_size)
         value = fn(*args, **kwargs)
-        results.put((rank, "ok", value))
+        # Plain pickle: a queue would pass tensors by shared-memory handles, which die with
+        # this process before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # report everything, including assertion errors
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -108,4 +106,4 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
               if status == "error"]
     if errors:
         pytest.fail("distributed test failed:\n" + "\n".join(errors), pytrace=False)
-    return [outcomes[rank][1] for rank in range(world_size)]
+    return [pickle.loads(outcomes[rank][1]) for rank in range(world_size)]

@@ -86,6 +86,19 @@ def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> Distr
                           int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "single")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env() -> DistributedEnv:
+    """A world of one on this host (tools that need Megatron's process groups, e.g. conversion)."""
+    return DistributedEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+
+
 def initialize_distributed(
     parallel: ParallelConfig,
     env: Optional[DistributedEnv] = None,

@@ -204,6 +204,8 @@ class Trainer:
         run_config["model"] = dataclasses.asdict(self.model_config)
         run_config["padded_vocab_size"] = self.padded_vocab_size
         run_config["layout"] = self._layout()
+        if self.start_checkpoint.get("hf"):  # keeps megatron-to-hf faithful to the source config
+            run_config["hf"] = self.start_checkpoint["hf"]
         run_config["dataset"] = {key: self.train_set.metadata.get(key)
                                  for key in ("tokenizer", "vocab_size", "source_hash", "num_records")}
         return run_config
