@@ -52,18 +52,23 @@ def starting_run_config(load: Optional[str]) -> dict:
     return {}
 
 
+def merged_model_config(config, start_run_config: dict):
+    """The starting checkpoint's architecture with the model fields the user set on top."""
+    from megatron_solopo.model.config import ModelConfig
+
+    if not start_run_config.get("model"):
+        return config.model
+    fields = dict(start_run_config["model"])
+    fields.update({name: getattr(config.model, name)
+                   for name in getattr(config, "explicit_model_fields", [])})
+    return ModelConfig(**fields)
+
+
 def resolve_model_config(config, start_run_config: dict, dataset):
     """The model to build: the starting checkpoint's architecture with the fields the user set
     on top (e.g. a raised ``rotary_base``), or the config's own; vocab size from the dataset's
     tokenizer, which must be compatible with the model's."""
-    from megatron_solopo.model.config import ModelConfig
-
-    model = config.model
-    if start_run_config.get("model"):
-        fields = dict(start_run_config["model"])
-        fields.update({name: getattr(model, name)
-                       for name in getattr(config, "explicit_model_fields", [])})
-        model = ModelConfig(**fields)
+    model = merged_model_config(config, start_run_config)
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=int(dataset.metadata["vocab_size"]))
     dataset.check_compatible(config.tokenizer.tokenizer_model or None, model.vocab_size)

@@ -28,7 +28,9 @@ def _world_size(explicit: Optional[int]) -> int:
 
 
 def _model_for_plan(config: JobConfig):
-    model = config.model
+    from megatron_solopo.training.model_setup import merged_model_config, starting_run_config
+
+    model = merged_model_config(config, starting_run_config(config.checkpoint.load))
     if model.vocab_size == 0 and config.data.train_prefix:
         import json
 
@@ -94,6 +96,9 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
     if reference_mode(config) == "live":
         reference = weights  # a frozen copy of the weights, forward only
     peak = weights + grads + optimizer + activations + head + reference
+    def row(label: str, value: float) -> str:
+        return f"  {label:<58s} {value / GIB:8.2f} GiB"
+
     lines = [
         f"layout: {parallel.describe(world)} (data-parallel size {dp})",
         f"model: {model.family}, {model.num_layers} layers, hidden {model.hidden_size}, "
@@ -102,14 +107,14 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
         f"parameters: {total:,} total (unpadded vocabulary), {per_gpu:,} on the fullest GPU",
         f"objective: {config.objective.get('name')} | reference: {reference_mode(config)}",
         "memory per GPU (estimate):",
-        f"  weights ({param_bytes} B/param)          {weights / GIB:8.2f} GiB",
-        f"  main gradients ({grad_bytes} B/param)    {grads / GIB:8.2f} GiB",
-        f"  optimizer state{' (distributed)' if distributed else ''}      {optimizer / GIB:8.2f} GiB",
-        f"  activations ({int(tokens)} tokens/GPU/micro-batch, {in_flight} in flight, "
-        f"recompute={recompute or 'none'})  {activations / GIB:8.2f} GiB",
-        f"  LM head chunk ({config.training.logprob_chunk_size} positions)  {head / GIB:8.2f} GiB",
+        row(f"weights ({param_bytes} B/param)", weights),
+        row(f"main gradients ({grad_bytes} B/param)", grads),
+        row("optimizer state" + (" (distributed over DP)" if distributed else ""), optimizer),
+        row(f"activations ({int(tokens)} tokens/GPU/micro-batch, {in_flight} in flight, "
+            f"recompute={recompute or 'none'})", activations),
+        row(f"LM head chunk ({config.training.logprob_chunk_size} positions)", head),
     ]
     if reference:
-        lines.append(f"  live reference weights          {reference / GIB:8.2f} GiB")
-    lines.append(f"  total                           {peak / GIB:8.2f} GiB")
+        lines.append(row("live reference weights", reference))
+    lines.append(row("total", peak))
     return "\n".join(lines)

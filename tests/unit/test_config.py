@@ -86,3 +86,17 @@ def test_dry_run_rejects_a_bad_layout_before_anything_starts():
                                "parallel": {"tensor_model_parallel_size": 3}})
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by TP=3"):
         dry_run(config, world_size=3)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in
+                                        __import__("pathlib").Path(__file__).resolve().parents[2]
+                                        .joinpath("examples").glob("*.yaml")))
+def test_example_configs_load_and_plan(path):
+    # Production examples take the architecture from their (converted) starting checkpoint.
+    architecture = () if "demo" in path else (
+        "model.num_layers=32", "model.hidden_size=4096", "model.ffn_hidden_size=14336",
+        "model.num_attention_heads=32", "model.num_query_groups=8")
+    config = load_config(path, ("model.vocab_size=32000",) + architecture)
+    world = (config.parallel.tensor_model_parallel_size * config.parallel.context_parallel_size
+             * config.parallel.pipeline_model_parallel_size)
+    assert "total" in dry_run(config, world_size=world)
