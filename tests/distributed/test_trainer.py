@@ -176,3 +176,43 @@ def test_live_reference_matches_precomputed(setup, objective):
         precomputed_losses = logging_result(run_distributed(train, 2, precomputed))["losses"]
         assert_trajectories_close(live_losses, precomputed_losses, rtol=1e-6)
     assert all(math.isfinite(x) for x in live_losses) and live_losses[-1] < live_losses[0]
+
+
+@pytest.mark.parametrize("name,sections", [
+    ("distributed_optimizer_dp2", dict(optimizer={"use_distributed_optimizer": True},
+                                       ddp={"overlap_grad_reduce": True})),
+    ("full_recompute_tp2", dict(parallel={"tensor_model_parallel_size": 2},
+                                model={"transformer_overrides": {
+                                    "recompute_granularity": "full", "recompute_method": "uniform",
+                                    "recompute_num_layers": 1}})),
+])
+def test_distributed_optimizer_and_recompute_keep_the_trajectory(setup, single_process_losses,
+                                                                  name, sections):
+    paths, root = setup
+    raw = base_config(paths, str(root), objective=TRAJECTORY_OBJECTIVES["longpo"])
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    losses = logging_result(run_distributed(train, 2, raw))["losses"]
+    assert_trajectories_close(losses, single_process_losses["longpo"])
+
+
+def test_bf16_training_runs_and_learns(setup):
+    paths, root = setup
+    raw = base_config(paths, str(root), precision={"bf16": True}, training={"train_iters": 6},
+                      objective=TRAJECTORY_OBJECTIVES["solopo_simpo"],
+                      parallel={"tensor_model_parallel_size": 2})
+    result = logging_result(run_distributed(train, 2, raw))
+    assert all(math.isfinite(x) for x in result["losses"]) and result["num_skipped"] == 0
+    assert result["losses"][-1] < result["losses"][0]
+
+
+def test_stale_reference_cache_is_refused(setup, tmp_path):
+    """A cache computed from another checkpoint than the run's reference is refused by name."""
+    paths, root = setup
+    other = tmp_path / "other_init"
+    raw = base_config(paths, str(root), training={"seed": 11})
+    raw["reference"]["checkpoint"] = str(other)
+    from tests.distributed.trainer_common import write_initial
+    run_distributed(write_initial, 1, raw, str(other))
+    with pytest.raises(pytest.fail.Exception, match="is stale: it was computed from checkpoint"):
+        run_distributed(train, 1, raw)

@@ -93,3 +93,10 @@ def train(raw: dict, capture: bool = False, patch=None) -> dict:
 def logging_result(results: list) -> dict:
     (result,) = [r for r in results if r["logging_rank"]]
     return result
+
+
+def write_initial(raw: dict, output: str) -> None:
+    """Rank function (world 1): a random-init checkpoint from ``raw``'s model and seed."""
+    from megatron_solopo.training.model_setup import write_initial_checkpoint
+
+    write_initial_checkpoint(config_from_dict(raw), output)

@@ -108,3 +108,11 @@ def test_cpu_shims_installed_without_cuda():
     assert torch.zeros(1).type() == "torch.cuda.FloatTensor"  # what megatron's optimizers check
     assert torch.zeros(1).type(torch.float64).dtype == torch.float64  # casting still works
     import megatron.core  # noqa: F401  (importable without triton)
+
+
+def test_fp8_without_transformer_engine_asks_for_it():
+    from megatron_solopo.model.config import PrecisionConfig, build_transformer_config
+
+    with pytest.raises(ValueError, match="precision.fp8 needs Transformer Engine"):
+        build_transformer_config(ModelConfig(vocab_size=100), ParallelConfig(),
+                                 PrecisionConfig(bf16=True, fp8="hybrid"), use_te=False)
