@@ -8,7 +8,6 @@ memory estimate per GPU, without starting any process group.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatron_solopo.config import load_config
@@ -51,6 +50,9 @@ def main(argv=None) -> int:
     try:
         trainer.setup()
         summary = trainer.train()
+    except ValueError as err:  # a user error (data, checkpoint, cache): say what to change
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     return 0 if summary["iterations"] >= config.training.train_iters else 1

@@ -7,7 +7,6 @@ biases other than Qwen2's Q/K/V bias, activations other than SiLU.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 from megatron_solopo.model.config import ModelConfig
@@ -130,7 +129,3 @@ def hf_config_from_model(model: ModelConfig, original: Optional[dict], dtype: st
 
 def dtype_name(hf: dict) -> str:
     return str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
-
-
-def as_dict(model: ModelConfig) -> dict:
-    return dataclasses.asdict(model)

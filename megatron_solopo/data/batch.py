@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from megatron_solopo.roles import Role
 
 
 @dataclasses.dataclass
@@ -54,9 +53,6 @@ class PackedMicroBatch:
     @property
     def num_groups(self) -> int:
         return int(self.sample_indices.numel())
-
-    def roles_present(self) -> list[Role]:
-        return sorted({Role.from_index(int(r)) for r in self.roles.tolist()}, key=lambda r: r.index)
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
         """A copy with every tensor moved to ``device`` (metadata tensors included)."""

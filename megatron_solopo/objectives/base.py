@@ -19,7 +19,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from megatron_solopo.roles import Role
 
 
 @dataclasses.dataclass

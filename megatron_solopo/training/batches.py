@@ -60,10 +60,6 @@ def group_role_values(values: Tensor, batch: PackedMicroBatch, role: Role) -> Te
     return out.index_add(0, groups, values[selected])
 
 
-def roles_present(batch: PackedMicroBatch) -> set[Role]:
-    return {Role.from_index(int(index)) for index in batch.roles.unique().tolist()}
-
-
 def logprob_positions(batch: PackedMicroBatch, whole_sequence_roles: Sequence[Role]) -> Tensor:
     """Bool mask of the positions whose log-prob the objective needs: response targets, plus every
     real target of the sequences whose role needs the whole sequence (LongPO's NLL)."""

@@ -10,8 +10,7 @@ with autograd) and hands them to a loss function of ours. Works unchanged with n
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor

@@ -21,7 +21,6 @@ import yaml
 from megatron_solopo.config import JobConfig, reference_mode, resolved_objective
 from megatron_solopo.model.config import build_transformer_config
 from megatron_solopo.objectives import ObjectiveInputs, RoleLogps
-from megatron_solopo.roles import Role
 from megatron_solopo.training import checkpoint as ckpt
 from megatron_solopo.training import metrics as metrics_lib
 from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
@@ -158,7 +157,7 @@ class Trainer:
                     use_distributed_optimizer=bool(self.config.optimizer.get("use_distributed_optimizer")))
 
     def _setup_reference(self) -> None:
-        from megatron_solopo.training.reference import (ReferenceCache, checkpoint_fingerprint,
+        from megatron_solopo.training.reference import (checkpoint_fingerprint,
                                                         default_cache_path)
 
         self.reference_values = None
@@ -251,7 +250,6 @@ class Trainer:
     # The step
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
-        from megatron.core import parallel_state
 
         config = self.config
         start = time.perf_counter()
@@ -405,7 +403,7 @@ class Trainer:
                 f"consumed samples: {self.consumed_samples:12d}",
                 f"elapsed time per iteration (ms): {result.elapsed * 1000:.1f}",
                 # CPU runs are far below 0.1 TFLOP/s: keep significant digits there.
-                f"throughput per GPU (TFLOP/s/GPU): "
+                "throughput per GPU (TFLOP/s/GPU): "
                 + (f"{per_gpu_tflops:.1f}" if per_gpu_tflops >= 1 else f"{per_gpu_tflops:.3g}"),
                 f"tokens/s/GPU: {tokens_per_sec:.1f}",
                 f"learning rate: {record['lr']:.6E}",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import os
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -58,7 +56,6 @@ def base_config(paths: dict, workdir: str, **sections) -> dict:
 
 def prepare_starting_point(raw: dict, init_dir: str) -> None:
     """Rank function (world 1): random-init checkpoint, then reference caches for train/valid."""
-    from megatron_solopo.parallel.distributed import destroy_distributed
     from megatron_solopo.training.model_setup import write_initial_checkpoint
     from megatron_solopo.training.precompute import precompute_reference
 

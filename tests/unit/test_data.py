@@ -1,16 +1,13 @@
 """Data pipeline: schema validation, tokenization, on-disk round trip, packing, sampling."""
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from megatron_solopo.data import synthetic
 from megatron_solopo.data.dataset import PreferenceDataset
-from megatron_solopo.data.packing import (build_micro_batches, pack_groups, pad_multiple_for,
+from megatron_solopo.data.packing import (build_micro_batches, pad_multiple_for,
                                           plan_micro_batches)
 from megatron_solopo.data.preprocess import LengthLimits, preprocess, prompt_ids, tokenize_record
 from megatron_solopo.data.sampler import PreferenceSampler
