@@ -108,11 +108,12 @@ class SchedulerConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     save: Optional[str] = None
-    """Directory to save to (Megatron layout); None = no checkpoints."""
+    """Directory to save to (Megatron layout); None = no checkpoints. If it already holds a
+    checkpoint, the run resumes from it (requeued jobs) and ``load`` is not read."""
 
     load: Optional[str] = None
-    """Starting point: a checkpoint of this trainer (resumes) or a converted/released weights-only
-    checkpoint (fresh run from those weights). Usually the same as ``save`` on requeued jobs."""
+    """Starting point: a converted/released weights-only checkpoint (fresh run from those
+    weights), or a checkpoint of this trainer (resumes it). Also the default reference model."""
 
     save_interval: int = 0
     """Save every N steps (0 = only at the end)."""

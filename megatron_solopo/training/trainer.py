@@ -68,7 +68,8 @@ class Trainer:
         from megatron_solopo.training.model_setup import wrap_model
 
         config = self.config
-        self.start_checkpoint = starting_run_config(config.checkpoint.load)
+        self.load_path = self._load_path()
+        self.start_checkpoint = starting_run_config(self.load_path)
         self.train_set = PreferenceDataset(config.data.train_prefix)
         needed = set(self.objective.policy_roles)
         if self.reference_mode == "live":
@@ -123,12 +124,20 @@ class Trainer:
             pad_multiple=self.pad_multiple, pad_token_id=int(dataset.metadata["pad_id"]),
             fixed_length=self.config.data.fixed_length_micro_batches)
 
+    def _load_path(self) -> Optional[str]:
+        """Resume from ``checkpoint.save`` when it already holds a checkpoint (a requeued or
+        restarted job), else start from ``checkpoint.load``."""
+        save = self.config.checkpoint.save
+        if save and ckpt.resolve_checkpoint(save) is not None:
+            return save
+        return self.config.checkpoint.load
+
     def _load_starting_point(self) -> None:
         config = self.config
-        if not config.checkpoint.load:
+        if not self.load_path:
             return
         loaded = ckpt.load_checkpoint(
-            config.checkpoint.load, self.model, optimizer=self.optimizer,
+            self.load_path, self.model, optimizer=self.optimizer,
             load_optimizer=config.checkpoint.load_optimizer and self._same_layout(),
             padded_vocab_size=self.padded_vocab_size)
         if loaded is None:

@@ -216,3 +216,18 @@ def test_stale_reference_cache_is_refused(setup, tmp_path):
     run_distributed(write_initial, 1, raw, str(other))
     with pytest.raises(pytest.fail.Exception, match="is stale: it was computed from checkpoint"):
         run_distributed(train, 1, raw)
+
+
+def test_restarted_job_resumes_from_its_save_directory(setup, tmp_path):
+    """checkpoint.load is the converted starting point; once checkpoint.save holds a checkpoint,
+    the same config resumes from it."""
+    paths, root = setup
+    full = logging_result(run_distributed(train, 1, base_config(
+        paths, str(root), training={"train_iters": 4})))["losses"]
+    first = base_config(paths, str(root), training={"train_iters": 2},
+                        checkpoint={"save": str(tmp_path / "run")}, scheduler={"lr_decay_iters": 4})
+    run_distributed(train, 1, first)
+    again = base_config(paths, str(root), training={"train_iters": 4},
+                        checkpoint={"save": str(tmp_path / "run")}, scheduler={"lr_decay_iters": 4})
+    resumed = logging_result(run_distributed(train, 1, again))
+    assert resumed["losses"] == full[2:]
