@@ -1,102 +1,174 @@
 """Hugging Face ``config.json`` <-> our ModelConfig (Llama, Qwen2, Mistral).
 
 Anything we do not model is refused by name rather than silently converted into a different
-model: other architectures, RoPE scaling types other than linear/llama3, sliding-window attention,
-biases other than Qwen2's Q/K/V bias, activations other than SiLU.
+model: other architectures, RoPE types other than default/linear/llama3, partial rotary
+embeddings, sliding-window attention, biases other than Qwen2's Q/K/V bias, activations other
+than SiLU, dtypes other than fp32/bf16/fp16. Both spellings of RoPE settings are read:
+``rope_parameters`` (transformers >= 5) and ``rope_theta`` + ``rope_scaling`` (older files).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NoReturn, Optional
 
 from megatron_solopo.model.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "MistralForCausalLM": "mistral"}
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
+CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _refuse(source: str, field: str, value, supported: str):
-    raise ValueError(f"{source}: {field}={value!r} is not supported ({supported})")
+def refuse(source: str, field: str, value, supported: str) -> NoReturn:
+    raise ValueError(f"{source}: {field}={value!r} is not supported; {supported}")
 
 
-def detect_family(hf: dict, source: str) -> str:
+@functools.lru_cache(maxsize=None)
+def family_defaults(family: str) -> dict:
+    """transformers' defaults for the family's config fields (a config.json may omit them)."""
+    import transformers
+
+    return getattr(transformers, CONFIG_CLASSES[family])().to_dict()
+
+
+def _get(hf: dict, family: str, name: str):
+    value = hf.get(name)
+    return family_defaults(family).get(name) if value is None else value
+
+
+def detect_family(hf: dict, source: str = "config.json") -> str:
+    """``llama``, ``qwen2`` or ``mistral`` from ``architectures`` (else ``model_type``)."""
     architectures = hf.get("architectures") or []
     for architecture in architectures:
         if architecture in ARCHITECTURES:
             return ARCHITECTURES[architecture]
     if architectures:
-        _refuse(source, "architectures", architectures, "supported: " + ", ".join(ARCHITECTURES))
+        refuse(source, "architectures", architectures,
+               "supported: " + ", ".join(ARCHITECTURES))
     model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPES:
-        _refuse(source, "model_type", model_type, "supported: " + ", ".join(MODEL_TYPES))
-    return MODEL_TYPES[model_type]
+    if model_type not in FAMILY_ARCHITECTURE:
+        refuse(source, "model_type", model_type, "supported: " + ", ".join(FAMILY_ARCHITECTURE))
+    return model_type
 
 
-def rope_settings(hf: dict, source: str) -> tuple[float, Optional[dict]]:
-    """(theta, scaling) from either spelling: ``rope_parameters`` (transformers >= 5) or
-    ``rope_theta`` + ``rope_scaling``."""
+def rope_settings(hf: dict, family: str, source: str = "config.json") -> tuple[float, Optional[dict]]:
+    """(theta, scaling in ModelConfig's form) from either spelling of the RoPE settings."""
     parameters = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling")
-    if scaling and not parameters.get("rope_type"):
-        parameters.update(scaling)
-    theta = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = parameters.get("rope_type", parameters.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
+    if parameters and all(isinstance(value, dict) for value in parameters.values()):
+        refuse(source, "rope_parameters", parameters,
+               "per-attention-type RoPE parameters are not modelled (one set for all layers)")
+    legacy = dict(hf.get("rope_scaling") or {})
+    if legacy and not parameters.get("rope_type"):
+        parameters.update(legacy)
+    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    theta = parameters.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        theta = (family_defaults(family).get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    partial = parameters.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        refuse(source, "partial_rotary_factor", partial,
+               "only full rotary embeddings (partial_rotary_factor 1.0) are modelled")
+    kind = parameters.get("rope_type", parameters.get("type", "default")) or "default"
+    if kind not in ROPE_TYPES:
+        refuse(source, f"{field}.rope_type", kind, "supported: " + ", ".join(ROPE_TYPES))
+    if kind == "default":
+        return float(theta), None
+    if "factor" not in parameters:
+        raise ValueError(f"{source}: {field} of type {kind!r} has no 'factor'")
     if kind == "linear":
-        return theta, {"type": "linear", "factor": float(parameters["factor"])}
-    if kind == "llama3":
-        return theta, {"type": "llama3", "factor": float(parameters["factor"]),
-                       "low_freq_factor": float(parameters.get("low_freq_factor", 1.0)),
-                       "high_freq_factor": float(parameters.get("high_freq_factor", 4.0)),
-                       "original_max_position_embeddings":
-                           int(parameters.get("original_max_position_embeddings", 8192))}
-    _refuse(source, "rope_scaling.rope_type", kind, "supported: default, linear, llama3")
+        return float(theta), {"type": "linear", "factor": float(parameters["factor"])}
+    return float(theta), {
+        "type": "llama3", "factor": float(parameters["factor"]),
+        "low_freq_factor": float(parameters.get("low_freq_factor", 1.0)),
+        "high_freq_factor": float(parameters.get("high_freq_factor", 4.0)),
+        "original_max_position_embeddings": int(parameters.get("original_max_position_embeddings", 8192)),
+    }
+
+
+def _check_attention_window(hf: dict, family: str, source: str, max_positions: int) -> None:
+    """Sliding-window attention is not modelled; a window that covers every position is."""
+    window = hf.get("sliding_window")
+    covers_all = window is None or int(window) >= max_positions
+    if family == "mistral" and not covers_all:
+        refuse(source, "sliding_window", window,
+               f"sliding-window attention is not modelled; it must be null or >= "
+               f"max_position_embeddings ({max_positions})")
+    if family == "qwen2" and hf.get("use_sliding_window") and not covers_all:
+        num_layers = int(hf["num_hidden_layers"])
+        if int(_get(hf, family, "max_window_layers") or 0) < num_layers:
+            refuse(source, "use_sliding_window", True,
+                   f"sliding-window attention (sliding_window={window}) is not modelled; only "
+                   f"use_sliding_window=false")
+    layer_types = hf.get("layer_types") or []
+    if not covers_all and any(kind != "full_attention" for kind in layer_types):
+        refuse(source, "layer_types", sorted(set(layer_types)),
+               "only full_attention layers are modelled")
+
+
+def dtype_name(hf: dict) -> str:
+    """The checkpoint dtype a config declares (``dtype``, or ``torch_dtype`` before v5)."""
+    return str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
 
 
 def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a Hugging Face config, or ValueError naming what we do not model."""
     family = detect_family(hf, source)
-    if hf.get("hidden_act", "silu") != "silu":
-        _refuse(source, "hidden_act", hf["hidden_act"], "only silu (SwiGLU)")
+    activation = _get(hf, family, "hidden_act")
+    if activation != "silu":
+        refuse(source, "hidden_act", activation, "only silu (SwiGLU MLP)")
     if hf.get("mlp_bias"):
-        _refuse(source, "mlp_bias", True, "MLP projections without bias only")
-    if family != "qwen2" and hf.get("attention_bias"):
-        _refuse(source, "attention_bias", True, "Q/K/V bias only in the qwen2 family")
-    window = hf.get("sliding_window")
-    uses_window = hf.get("use_sliding_window", family == "mistral")
-    if uses_window and window is not None and window < hf.get("max_position_embeddings", 0):
-        _refuse(source, "sliding_window", window,
-                "sliding-window attention is not modelled; it must be null or >= "
-                "max_position_embeddings")
-    theta, scaling = rope_settings(hf, source)
+        refuse(source, "mlp_bias", hf["mlp_bias"], "MLP projections have no bias")
+    if hf.get("attention_bias") and family != "qwen2":
+        refuse(source, "attention_bias", hf["attention_bias"],
+               "attention biases only as Qwen2's Q/K/V bias (Llama's also biases o_proj)")
+    if dtype_name(hf) not in DTYPES:
+        refuse(source, "dtype", dtype_name(hf), "supported: " + ", ".join(DTYPES))
+    max_positions = int(_get(hf, family, "max_position_embeddings"))
+    _check_attention_window(hf, family, source, max_positions)
+    theta, scaling = rope_settings(hf, family, source)
     heads = int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    return ModelConfig(
-        family=family,
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=int(hf["hidden_size"]),
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        num_attention_heads=heads,
-        num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        kv_channels=int(head_dim),
-        vocab_size=int(hf["vocab_size"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rotary_base=theta,
-        rope_scaling=scaling,
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
-        add_qkv_bias=family == "qwen2",
-        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-    )
+    try:
+        return ModelConfig(
+            family=family,
+            num_layers=int(hf["num_hidden_layers"]),
+            hidden_size=int(hf["hidden_size"]),
+            ffn_hidden_size=int(hf["intermediate_size"]),
+            num_attention_heads=heads,
+            num_query_groups=int(hf.get("num_key_value_heads") or heads),
+            kv_channels=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+            vocab_size=int(hf["vocab_size"]),
+            max_position_embeddings=max_positions,
+            rotary_base=theta,
+            rope_scaling=scaling,
+            norm_epsilon=float(_get(hf, family, "rms_norm_eps")),
+            # Qwen2's q/k/v projections always carry a bias (no config flag).
+            add_qkv_bias=family == "qwen2",
+            untie_embeddings_and_output_weights=not _get(hf, family, "tie_word_embeddings"),
+        )
+    except KeyError as missing:
+        raise ValueError(f"{source}: required field {missing.args[0]!r} is missing") from None
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def hf_config_from_model(model: ModelConfig, original: Optional[dict], dtype: str) -> dict:
-    """config.json for ``model``: the original HF config (when the model came from one) with
-    every architectural field rewritten from ``model``, else a fresh one for its family."""
+    """config.json for ``model``: the original Hugging Face config (when the model came from one)
+    with every architectural field rewritten from ``model``, else a fresh one for its family."""
     from transformers import AutoConfig
 
+    if model.family == "qwen2" and not model.add_qkv_bias:
+        raise ValueError("model.family='qwen2' needs add_qkv_bias=True (Hugging Face Qwen2 always "
+                         "has Q/K/V biases)")
+    if model.family != "qwen2" and model.add_qkv_bias:
+        raise ValueError(f"model.family={model.family!r} with add_qkv_bias=True has no Hugging "
+                         f"Face equivalent (only qwen2 has Q/K/V biases alone)")
     config = dict(original or {})
+    for stale in ("rope_scaling", "rope_theta", "torch_dtype", "layer_types", "_name_or_path",
+                  "transformers_version"):
+        config.pop(stale, None)
     config.update({
         "architectures": [FAMILY_ARCHITECTURE[model.family]],
         "model_type": model.family,
@@ -105,7 +177,6 @@ def hf_config_from_model(model: ModelConfig, original: Optional[dict], dtype: st
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_attention_heads,
         "num_key_value_heads": model.num_query_groups,
-        "head_dim": model.kv_channels,
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.norm_epsilon,
@@ -113,19 +184,19 @@ def hf_config_from_model(model: ModelConfig, original: Optional[dict], dtype: st
         "hidden_act": "silu",
         "dtype": dtype,
     })
+    if "head_dim" in family_defaults(model.family) or "head_dim" in config or \
+            model.kv_channels * model.num_attention_heads != model.hidden_size:
+        config["head_dim"] = model.kv_channels
     rope = {"rope_type": "default", "rope_theta": model.rotary_base}
     if model.rope_scaling:
         scaling = dict(model.rope_scaling)
-        rope.update({k: v for k, v in scaling.items() if k != "type"}, rope_type=scaling["type"])
+        kind = scaling.pop("type", None) or scaling.pop("rope_type")
+        rope.update(scaling, rope_type=kind)
     config["rope_parameters"] = rope
-    config.pop("rope_scaling", None)
-    config.pop("rope_theta", None)
-    config.pop("torch_dtype", None)
+    # Sliding windows are not modelled: the converted model attends over every position.
     if model.family == "mistral":
         config["sliding_window"] = None
-    # Round trip through transformers so the file has every field its class expects.
+    if model.family == "qwen2":
+        config["use_sliding_window"] = False
+    # Through transformers, so the file has every field its config class expects.
     return AutoConfig.for_model(**config).to_dict()
-
-
-def dtype_name(hf: dict) -> str:
-    return str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")

@@ -1,49 +1,150 @@
-"""Weight layouts: Hugging Face tensor names <-> our canonical keys (model/state.py).
+"""Weight layouts: Hugging Face tensor names <-> our canonical keys (model/state.py). Pure tensor
+code: no files, no process groups.
 
-Canonical per-layer keys have the layer as a leading axis; we address one layer at a time.
+A canonical tensor is one layer's slice of a canonical key (the layer is the leading axis of the
+global tensor), or a whole non-layer tensor. ``L``: layers, ``H``: hidden size, ``F``: FFN size,
+``d``: head dim, ``nq``/``ng``: query heads / KV groups, ``V``/``Vp``: vocab / padded vocab.
 
-| canonical key (per layer)                               | Hugging Face (layer i)                        |
-|---------------------------------------------------------|-----------------------------------------------|
-| decoder.layers.self_attention.linear_qkv.layer_norm_weight | model.layers.i.input_layernorm.weight      |
-| decoder.layers.self_attention.linear_qkv.weight / .bias | q_proj, k_proj, v_proj fused per KV group     |
-| decoder.layers.self_attention.linear_proj.weight        | self_attn.o_proj.weight                       |
-| decoder.layers.mlp.linear_fc1.layer_norm_weight         | post_attention_layernorm.weight               |
-| decoder.layers.mlp.linear_fc1.weight                    | [mlp.gate_proj; mlp.up_proj]                  |
-| decoder.layers.mlp.linear_fc2.weight                    | mlp.down_proj.weight                          |
+| canonical key (per layer i: ``[L, ...]``, we address ``[i]``) | Hugging Face (layer i)              |
+|---------------------------------------------------------------|-------------------------------------|
+| embedding.word_embeddings.weight ``[Vp, H]``                  | model.embed_tokens.weight ``[V, H]``|
+| decoder.layers.self_attention.linear_qkv.layer_norm_weight    | model.layers.i.input_layernorm.weight |
+| decoder.layers.self_attention.linear_qkv.weight ``[(nq+2ng)d, H]`` (.bias: Qwen2) | self_attn.{q,k,v}_proj, grouped (below) |
+| decoder.layers.self_attention.linear_proj.weight ``[H, nq*d]`` | self_attn.o_proj.weight            |
+| decoder.layers.mlp.linear_fc1.layer_norm_weight               | post_attention_layernorm.weight     |
+| decoder.layers.mlp.linear_fc1.weight ``[2F, H]``              | [mlp.gate_proj; mlp.up_proj]        |
+| decoder.layers.mlp.linear_fc2.weight ``[H, F]``               | mlp.down_proj.weight                |
+| decoder.final_layernorm.weight                                | model.norm.weight                   |
+| output_layer.weight ``[Vp, H]`` (untied only)                 | lm_head.weight ``[V, H]``           |
 
-Fused QKV (Megatron's grouped order): for each KV group g, the group's query heads, then its key
-head, then its value head::
+Fused QKV is Megatron's grouped order (megatron/core/transformer/attention.py,
+``get_query_key_value_tensors`` views it as ``[ng, (nq/ng + 2) * d]`` and splits q, k, v): for each
+KV group g, the group's query heads, then its key head, then its value head::
 
-    [q(g0,h0) .. q(g0,h{n-1}) k(g0) v(g0) | q(g1,h0) .. k(g1) v(g1) | ...]   (each head_dim rows)
+    [q(g0,h0) .. q(g0,h{n-1}) k(g0) v(g0) | q(g1,h0) .. k(g1) v(g1) | ...]   (each d rows)
+
+Hugging Face repeats KV head g for query heads g*n .. g*n+n-1 (``repeat_kv``), the same grouping.
+SwiGLU's fc1 is ``[gate; up]`` (megatron/core/transformer/mlp.py: ``glu`` chunks it in two and
+applies the activation to the first half; ``apply_swiglu_sharded_factory`` stores the halves as
+the two halves of the global tensor, whatever the TP).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Iterator, Optional
+import dataclasses
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+VOCAB_KEYS = (EMBEDDING, OUTPUT_LAYER)
+
 LAYER_PREFIX = "decoder.layers."
-GLOBAL_KEYS = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "output_layer.weight": "lm_head.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
+QKV_WEIGHT = "decoder.layers.self_attention.linear_qkv.weight"
+QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
+INPUT_NORM = "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+PROJ = "decoder.layers.self_attention.linear_proj.weight"
+MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+FC1 = "decoder.layers.mlp.linear_fc1.weight"
+FC2 = "decoder.layers.mlp.linear_fc2.weight"
+
+# Canonical keys fed by exactly one Hugging Face tensor (``{i}``: the layer).
+ONE_TO_ONE = {
+    EMBEDDING: "model.embed_tokens.weight",
+    OUTPUT_LAYER: "lm_head.weight",
+    FINAL_NORM: "model.norm.weight",
+    INPUT_NORM: "model.layers.{i}.input_layernorm.weight",
+    PROJ: "model.layers.{i}.self_attn.o_proj.weight",
+    MLP_NORM: "model.layers.{i}.post_attention_layernorm.weight",
+    FC2: "model.layers.{i}.mlp.down_proj.weight",
 }
-LAYER_NORMS = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-}
-LAYER_LINEARS = {
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-}
+QKV_SOURCES = {QKV_WEIGHT: "model.layers.{i}.self_attn.{p}_proj.weight",
+               QKV_BIAS: "model.layers.{i}.self_attn.{p}_proj.bias"}
+FC1_SOURCES = ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight")
+
+# Linear layers whose (empty) ``_extra_state`` Megatron checkpoints as a per-layer ShardedObject.
+EXTRA_STATE_KEYS = tuple(f"decoder.layers.{name}._extra_state" for name in (
+    "self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2"))
+
+# Hugging Face tensors that carry no weights of their own (recomputed or tied).
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalTensor:
+    """One layer's slice of a canonical key (``layer`` is None for non-layer keys)."""
+
+    key: str
+    layer: Optional[int]
+    shape: tuple  # without the layer axis
+
+    @property
+    def name(self) -> str:
+        return self.key if self.layer is None else f"{self.key}[{self.layer}]"
+
+
+def canonical_tensors(model, padded_vocab_size: int) -> list[CanonicalTensor]:
+    """Every canonical tensor of ``model`` (a ModelConfig) in Hugging Face file order:
+    embedding, layer by layer, final norm, output layer (untied only)."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
+    per_layer = [(INPUT_NORM, (h,)), (QKV_WEIGHT, (q + 2 * kv, h))]
+    if model.add_qkv_bias:
+        per_layer.append((QKV_BIAS, (q + 2 * kv,)))
+    per_layer += [(PROJ, (h, q)), (MLP_NORM, (h,)), (FC1, (2 * f, h)), (FC2, (h, f))]
+    entries = [CanonicalTensor(EMBEDDING, None, (padded_vocab_size, h))]
+    for layer in range(model.num_layers):
+        entries += [CanonicalTensor(key, layer, shape) for key, shape in per_layer]
+    entries.append(CanonicalTensor(FINAL_NORM, None, (h,)))
+    if model.untie_embeddings_and_output_weights:
+        entries.append(CanonicalTensor(OUTPUT_LAYER, None, (padded_vocab_size, h)))
+    return entries
+
+
+def hf_sources(entry: CanonicalTensor) -> list[str]:
+    """Names of the Hugging Face tensors that make up ``entry``, in fusing order."""
+    i = entry.layer
+    if entry.key in ONE_TO_ONE:
+        return [ONE_TO_ONE[entry.key].format(i=i)]
+    if entry.key in QKV_SOURCES:
+        return [QKV_SOURCES[entry.key].format(i=i, p=p) for p in "qkv"]
+    if entry.key == FC1:
+        return [name.format(i=i) for name in FC1_SOURCES]
+    raise AssertionError(f"no Hugging Face source for {entry.name}")
+
+
+def hf_shapes(model) -> dict[str, tuple]:
+    """Shape of every Hugging Face tensor ``model`` has (unpadded vocabulary; no ``lm_head``
+    when tied, as ``save_pretrained`` writes it)."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
+    shapes = {"model.embed_tokens.weight": (model.vocab_size, h), "model.norm.weight": (h,)}
+    if model.untie_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (model.vocab_size, h)
+    for i in range(model.num_layers):
+        base = f"model.layers.{i}."
+        shapes.update({
+            base + "input_layernorm.weight": (h,),
+            base + "post_attention_layernorm.weight": (h,),
+            base + "self_attn.q_proj.weight": (q, h),
+            base + "self_attn.k_proj.weight": (kv, h),
+            base + "self_attn.v_proj.weight": (kv, h),
+            base + "self_attn.o_proj.weight": (h, q),
+            base + "mlp.gate_proj.weight": (f, h),
+            base + "mlp.up_proj.weight": (f, h),
+            base + "mlp.down_proj.weight": (h, f),
+        })
+        if model.add_qkv_bias:
+            shapes.update({base + "self_attn.q_proj.bias": (q,), base + "self_attn.k_proj.bias": (kv,),
+                           base + "self_attn.v_proj.bias": (kv,)})
+    return shapes
 
 
 def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_groups: int) -> Tensor:
-    """q ``[heads*d, ...]``, k/v ``[groups*d, ...]`` -> Megatron's grouped ``[(heads+2*groups)*d, ...]``."""
+    """q ``[nq*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron's grouped ``[(nq + 2*ng)*d, ...]``."""
     head_dim = k.shape[0] // num_groups
     rest = tuple(q.shape[1:])
     q = q.reshape(num_groups, num_heads // num_groups, head_dim, *rest)
@@ -53,6 +154,7 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_groups: int) -
 
 
 def split_qkv(qkv: Tensor, num_heads: int, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`fuse_qkv`."""
     per_group = num_heads // num_groups + 2
     head_dim = qkv.shape[0] // (num_groups * per_group)
     rest = tuple(qkv.shape[1:])
@@ -63,82 +165,46 @@ def split_qkv(qkv: Tensor, num_heads: int, num_groups: int) -> tuple[Tensor, Ten
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-class SafetensorsReader:
-    """Lazy access to the tensors of a (sharded or not) safetensors checkpoint."""
-
-    def __init__(self, directory: str):
-        from safetensors import safe_open
-
-        directory = Path(directory)
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (directory / "model.safetensors").exists():
-            files = ["model.safetensors"]
-            weight_map = None
-        else:
-            raise ValueError(f"--hf-dir {directory}: no model.safetensors or "
-                             f"model.safetensors.index.json (only safetensors checkpoints are read)")
-        self.handles = {name: safe_open(str(directory / name), framework="pt") for name in files}
-        self.location = {}
-        for name, handle in self.handles.items():
-            for key in handle.keys():
-                self.location[key] = name
-        if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self.location))
-            if missing:
-                raise ValueError(f"{index}: tensors listed but not found: {missing[:5]}")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.location
-
-    def get(self, name: str) -> Tensor:
-        if name not in self.location:
-            raise ValueError(f"tensor {name!r} is missing from the Hugging Face checkpoint")
-        return self.handles[self.location[name]].get_tensor(name)
+def resize_vocab_rows(tensor: Tensor, num_rows: int) -> Tensor:
+    """Cut padding rows, or append zero rows (padded entries are masked out of the softmax and
+    never used as inputs, so their values do not matter)."""
+    if tensor.shape[0] >= num_rows:
+        return tensor[:num_rows]
+    padding = tensor.new_zeros((num_rows - tensor.shape[0],) + tuple(tensor.shape[1:]))
+    return torch.cat([tensor, padding])
 
 
-def canonical_from_hf(key: str, layer: Optional[int], reader: SafetensorsReader, model) -> Tensor:
-    """The canonical tensor ``key`` (of ``layer`` for per-layer keys) built from HF tensors."""
-    if layer is None:
-        if key == "output_layer.weight" and "lm_head.weight" not in reader:
-            return reader.get("model.embed_tokens.weight")  # tied in the source
-        return reader.get(GLOBAL_KEYS[key])
-    base = f"model.layers.{layer}."
-    suffix = key[len(LAYER_PREFIX):]
-    if suffix in LAYER_NORMS:
-        return reader.get(base + LAYER_NORMS[suffix])
-    if suffix in LAYER_LINEARS:
-        return reader.get(base + LAYER_LINEARS[suffix])
-    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = suffix.rsplit(".", 1)[1]
-        q, k, v = (reader.get(f"{base}self_attn.{name}_proj.{kind}") for name in "qkv")
-        return fuse_qkv(q, k, v, model.num_attention_heads, model.num_query_groups)
-    if suffix == "mlp.linear_fc1.weight":
-        return torch.cat([reader.get(base + "mlp.gate_proj.weight"),
-                          reader.get(base + "mlp.up_proj.weight")])
-    raise ValueError(f"no Hugging Face source for weight {key!r}")
+def to_canonical_parts(entry: CanonicalTensor, sources: list[Tensor], model) -> list[Tensor]:
+    """The canonical tensor from its Hugging Face tensors (``hf_sources`` order), as the parts
+    that stack along dim 0 into it: ``[gate, up]`` for SwiGLU's fc1 (kept apart because
+    Megatron checkpoints them as two halves anyway), one tensor otherwise."""
+    if entry.key in VOCAB_KEYS:
+        return [resize_vocab_rows(sources[0], entry.shape[0])]
+    if entry.key in ONE_TO_ONE:
+        return [sources[0]]
+    if entry.key in QKV_SOURCES:
+        return [fuse_qkv(*sources, model.num_attention_heads, model.num_query_groups)]
+    if entry.key == FC1:
+        return list(sources)
+    raise AssertionError(f"no Hugging Face source for {entry.name}")
 
 
-def hf_from_canonical(key: str, layer: Optional[int], tensor: Tensor, model) -> Iterator[tuple[str, Tensor]]:
-    """HF (name, tensor) pairs for one canonical tensor (the layer's slice for per-layer keys)."""
-    if layer is None:
-        yield GLOBAL_KEYS[key], tensor
-        return
-    base = f"model.layers.{layer}."
-    suffix = key[len(LAYER_PREFIX):]
-    if suffix in LAYER_NORMS:
-        yield base + LAYER_NORMS[suffix], tensor
-    elif suffix in LAYER_LINEARS:
-        yield base + LAYER_LINEARS[suffix], tensor
-    elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = suffix.rsplit(".", 1)[1]
-        for name, part in zip("qkv", split_qkv(tensor, model.num_attention_heads, model.num_query_groups)):
-            yield f"{base}self_attn.{name}_proj.{kind}", part
-    elif suffix == "mlp.linear_fc1.weight":
+def to_canonical(entry: CanonicalTensor, sources: list[Tensor], model) -> Tensor:
+    """The canonical tensor from its Hugging Face tensors (``hf_sources`` order)."""
+    parts = to_canonical_parts(entry, sources, model)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def from_canonical(entry: CanonicalTensor, tensor: Tensor, model) -> list[tuple[str, Tensor]]:
+    """Hugging Face (name, tensor) pairs for one canonical tensor; the vocabulary is unpadded."""
+    names = hf_sources(entry)
+    if entry.key in VOCAB_KEYS:
+        return [(names[0], tensor[:model.vocab_size])]
+    if entry.key in ONE_TO_ONE:
+        return [(names[0], tensor)]
+    if entry.key in QKV_SOURCES:
+        return list(zip(names, split_qkv(tensor, model.num_attention_heads, model.num_query_groups)))
+    if entry.key == FC1:
         gate, up = tensor.chunk(2)
-        yield base + "mlp.gate_proj.weight", gate.contiguous()
-        yield base + "mlp.up_proj.weight", up.contiguous()
-    else:
-        raise ValueError(f"no Hugging Face name for weight {key!r}")
+        return [(names[0], gate.contiguous()), (names[1], up.contiguous())]
+    raise AssertionError(f"no Hugging Face name for {entry.name}")
