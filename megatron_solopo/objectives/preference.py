@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_solopo.objectives.base import (Objective, ObjectiveInputs, RoleLogps, as_float,
-                                             pair_metrics)
+from megatron_solopo.objectives.base import (Hyperparameters, Objective, ObjectiveInputs,
+                                             RoleLogps, as_float, pair_metrics)
 from megatron_solopo.roles import Role
 
-Context = Literal["short", "long"]
+CONTEXTS = ("short", "long")
 
 
 def roles_for(context: str) -> tuple[Role, Role]:
     return Role.parse(f"{context}/chosen"), Role.parse(f"{context}/rejected")
 
 
-def _check_context(context: str) -> None:
-    if context not in ("short", "long"):
-        raise ValueError(f"context={context!r}; valid: short, long")
+def check_context(context: str) -> None:
+    if context not in CONTEXTS:
+        raise ValueError(f"context={context!r} is not valid; valid: {', '.join(CONTEXTS)}")
+
+
+def average_logps(policy: RoleLogps) -> Tensor:
+    return as_float(policy.logps) / as_float(policy.num_tokens)
 
 
 class BaseLoss(abc.ABC):
@@ -36,38 +40,42 @@ class BaseLoss(abc.ABC):
 
     name: str = ""
     needs_reference: bool = False
+    params: Hyperparameters
 
     @abc.abstractmethod
-    def reward(self, policy: RoleLogps, reference: Optional[Tensor]) -> Tensor:
+    def reward(self, policy: RoleLogps, reference: Tensor | None) -> Tensor:
         """``r(x, y)`` per group ``[G]``."""
 
     @abc.abstractmethod
-    def pair_loss(self, chosen: RoleLogps, rejected: RoleLogps, ref_chosen: Optional[Tensor],
-                  ref_rejected: Optional[Tensor]) -> tuple[Tensor, dict]:
+    def pair_loss(self, chosen: RoleLogps, rejected: RoleLogps, ref_chosen: Tensor | None,
+                  ref_rejected: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-group loss ``[G]`` and extra per-group metrics (beyond rewards and log-probs)."""
+
+    def describe(self) -> str:
+        return f"{self.name}({self.params.summary()})"
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOParams:
+class DPOParams(Hyperparameters):
     beta: float = 0.1
-    """Inverse temperature of the implicit reward ``beta * (logp_pi - logp_ref)``."""
+    """Inverse temperature of the implicit reward ``beta * (logp_pi - logp_ref)`` (> 0)."""
 
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """``sigmoid``: DPO (Rafailov et al.); ``ipo``: squared loss of Azar et al. on length-averaged
-    log-ratios (as TRL does)."""
+    """``sigmoid``: DPO (Rafailov et al.); ``ipo``: the squared loss of Azar et al. on
+    length-averaged log-ratios (as TRL does)."""
 
     label_smoothing: float = 0.0
-    """Conservative DPO: the preference label is flipped with this probability (sigmoid only)."""
+    """Conservative DPO: the preference label is flipped with this probability, in [0, 0.5)
+    (sigmoid only)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"loss_type={self.loss_type!r}; valid: sigmoid, ipo")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError("label_smoothing applies to loss_type=sigmoid only")
+            raise ValueError("label_smoothing applies to loss_type=sigmoid only; set it to 0 "
+                             "with loss_type=ipo")
 
 
 class DPOLoss(BaseLoss):
@@ -83,7 +91,7 @@ class DPOLoss(BaseLoss):
             ratio = ratio / as_float(policy.num_tokens)
         return ratio
 
-    def reward(self, policy: RoleLogps, reference: Optional[Tensor]) -> Tensor:
+    def reward(self, policy, reference):
         return self.params.beta * self._log_ratio(policy, reference)
 
     def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
@@ -97,18 +105,18 @@ class DPOLoss(BaseLoss):
 
 
 @dataclasses.dataclass(frozen=True)
-class SimPOParams:
+class SimPOParams(Hyperparameters):
     beta: float = 2.0
-    """Reward scale: ``r = beta * logp / |y|``."""
+    """Reward scale: ``r = beta * logp / |y|`` (> 0)."""
 
     gamma: float = 0.5
-    """Target reward margin subtracted inside the sigmoid."""
+    """Target reward margin subtracted inside the sigmoid (>= 0)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0 (a target margin), got {self.gamma}")
 
 
 class SimPOLoss(BaseLoss):
@@ -118,7 +126,7 @@ class SimPOLoss(BaseLoss):
         self.params = params
 
     def reward(self, policy, reference=None):
-        return self.params.beta * as_float(policy.logps) / as_float(policy.num_tokens)
+        return self.params.beta * average_logps(policy)
 
     def pair_loss(self, chosen, rejected, ref_chosen=None, ref_rejected=None):
         margin = self.reward(chosen) - self.reward(rejected) - self.params.gamma
@@ -126,24 +134,26 @@ class SimPOLoss(BaseLoss):
 
 
 def log_odds(avg_logp: Tensor) -> Tensor:
-    """``a - log(1 - exp(a))`` for an average log-prob ``a <= 0``.
+    """``log(p / (1 - p)) = a - log(1 - exp(a))`` for an average log-prob ``a = log p <= 0``.
 
-    ``log(1 - exp(a)) = log(-expm1(a))`` keeps full precision as ``a -> 0-`` (``1 - exp(a)``
-    would cancel to 0) and as ``a -> -inf``. ``a`` is clamped just below 0: an average log-prob
-    is never positive, and exactly 0 (certainty) has infinite odds."""
+    ``log(1 - exp(a))`` is computed as ``log(-expm1(a))``: ``1 - exp(a)`` cancels to 0 in fp32
+    for ``a > -3e-8`` (and loses digits well before), ``expm1`` does not; for ``a -> -inf`` both
+    tend to 0. ``a`` is clamped to at most minus the smallest normal number: exactly 0 (certainty,
+    reachable when fp32 log-softmax rounds to 0) has infinite odds."""
     tiny = torch.finfo(avg_logp.dtype).tiny
     a = torch.clamp(avg_logp, max=-tiny)
     return a - torch.log(-torch.expm1(a))
 
 
 @dataclasses.dataclass(frozen=True)
-class ORPOParams:
+class ORPOParams(Hyperparameters):
     odds_ratio_weight: float = 0.1
-    """lambda: weight of the odds-ratio term next to the chosen NLL (alias ``lambda``)."""
+    """lambda: weight of the odds-ratio term next to the chosen NLL, >= 0 (alias ``lambda``)."""
 
-    def __post_init__(self) -> None:
-        if self.odds_ratio_weight < 0:
-            raise ValueError(f"odds_ratio_weight (lambda) must be >= 0, got {self.odds_ratio_weight}")
+    def validate(self) -> None:
+        if not self.odds_ratio_weight >= 0:
+            raise ValueError(f"odds_ratio_weight (lambda) must be >= 0, got "
+                             f"{self.odds_ratio_weight}")
 
 
 class ORPOLoss(BaseLoss):
@@ -153,24 +163,28 @@ class ORPOLoss(BaseLoss):
         self.params = params
 
     def reward(self, policy, reference=None):
-        return log_odds(as_float(policy.logps) / as_float(policy.num_tokens))
+        return log_odds(average_logps(policy))
 
     def pair_loss(self, chosen, rejected, ref_chosen=None, ref_rejected=None):
-        nll = -as_float(chosen.logps) / as_float(chosen.num_tokens)
+        nll = -average_logps(chosen)
         odds_ratio = F.logsigmoid(self.reward(chosen) - self.reward(rejected))
-        return nll - self.params.odds_ratio_weight * odds_ratio, {"nll": nll,
-                                                                  "orpo/log_odds_ratio": odds_ratio}
+        losses = nll - self.params.odds_ratio_weight * odds_ratio
+        return losses, {"nll": nll, "orpo/log_odds_ratio": odds_ratio}
 
 
-BASE_LOSSES = {"dpo": (DPOLoss, DPOParams), "simpo": (SimPOLoss, SimPOParams),
-               "orpo": (ORPOLoss, ORPOParams)}
+# name -> (loss class, hyper-parameter class): the pairwise losses SoLoPO can wrap.
+BASE_LOSSES: dict[str, tuple[type, type]] = {
+    "dpo": (DPOLoss, DPOParams),
+    "simpo": (SimPOLoss, SimPOParams),
+    "orpo": (ORPOLoss, ORPOParams),
+}
 
 
 class PairwiseObjective(Objective):
     """A base preference loss on one context (``dpo``, ``simpo``, ``orpo``; ``long_dpo``)."""
 
-    def __init__(self, name: str, base: BaseLoss, context: str):
-        _check_context(context)
+    def __init__(self, name: str, base: BaseLoss, context: str = "short"):
+        check_context(context)
         self.name = name
         self.base = base
         self.params = base.params
@@ -179,7 +193,7 @@ class PairwiseObjective(Objective):
         self.reference_roles = roles_for(context) if base.needs_reference else ()
 
     def describe(self) -> str:
-        return f"{super().describe()} on the {self.context} context"
+        return f"{self.name}({self.params.summary()}, context={self.context})"
 
     def group_losses(self, inputs: ObjectiveInputs):
         chosen_role, rejected_role = self.policy_roles
@@ -195,12 +209,10 @@ class PairwiseObjective(Objective):
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTParams:
-    context: Context = "short"
-    """Which context the chosen response is conditioned on."""
-
-    def __post_init__(self) -> None:
-        _check_context(self.context)
+class SFTParams(Hyperparameters):
+    context: Literal["short", "long"] = "short"
+    """Context the chosen response is conditioned on: ``short`` like the other base losses;
+    ``long`` is the long-context SFT baseline (LongPO's "SFT")."""
 
 
 class SFTObjective(Objective):
@@ -214,5 +226,5 @@ class SFTObjective(Objective):
 
     def group_losses(self, inputs: ObjectiveInputs):
         chosen = inputs.policy[self.policy_roles[0]]
-        nll = -as_float(chosen.logps) / as_float(chosen.num_tokens)
+        nll = -average_logps(chosen)
         return nll, {"nll": nll, f"{self.params.context}/logps/chosen": as_float(chosen.logps)}

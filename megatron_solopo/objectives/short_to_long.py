@@ -11,13 +11,14 @@ Details and choices: docs/objectives.md.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from megatron_solopo.objectives.base import Objective, ObjectiveInputs, as_float, pair_metrics
-from megatron_solopo.objectives.preference import BaseLoss
+from megatron_solopo.objectives.base import (Hyperparameters, Objective, ObjectiveInputs,
+                                             as_float, pair_metrics)
+from megatron_solopo.objectives.preference import BaseLoss, average_logps
 from megatron_solopo.roles import Role
 
 # alpha reported for Qwen2.5-7B-Instruct: 3 with DPO, 1 with SimPO and ORPO.
@@ -25,9 +26,10 @@ DEFAULT_ALPHA = {"dpo": 3.0, "simpo": 1.0, "orpo": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
-class SoLoPOParams:
+class SoLoPOParams(Hyperparameters):
     alpha: float = 1.0
-    """Weight of SoLo-RA (default by base when unset: 3 for DPO, 1 for SimPO and ORPO)."""
+    """Weight of SoLo-RA, >= 0. ``build_objective`` defaults it by base (DEFAULT_ALPHA: 3 for
+    DPO, 1 for SimPO and ORPO, the paper's values for Qwen2.5-7B-Instruct)."""
 
     solo_ra: Literal["chosen", "both"] = "chosen"
     """Align the reward of the chosen response only (the paper's method) or of both."""
@@ -36,16 +38,15 @@ class SoLoPOParams:
     """DPO only: the reference log-prob in the long-context reward. ``long`` uses
     ``logp_ref(y|x_L)`` (needs a long reference pass); ``short`` reuses ``logp_ref(y|x_S)``."""
 
-    def __post_init__(self) -> None:
-        if self.alpha < 0:
+    def validate(self) -> None:
+        if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        if self.solo_ra not in ("chosen", "both"):
-            raise ValueError(f"solo_ra={self.solo_ra!r}; valid: chosen, both")
-        if self.solo_ra_reference not in ("long", "short"):
-            raise ValueError(f"solo_ra_reference={self.solo_ra_reference!r}; valid: long, short")
 
 
 class SoLoPOObjective(Objective):
+    """A base pairwise loss on the short context plus SoLo-RA, the short-to-long alignment of
+    the base's own reward of the same response."""
+
     name = "solopo"
 
     def __init__(self, base: BaseLoss, params: SoLoPOParams):
@@ -62,11 +63,9 @@ class SoLoPOObjective(Objective):
             self.reference_roles = self.policy_roles
 
     def describe(self) -> str:
-        base = dataclasses.asdict(self.base.params)
-        return (f"solopo(base={self.base.name} {base}, alpha={self.params.alpha}, "
-                f"solo_ra={self.params.solo_ra}, solo_ra_reference={self.params.solo_ra_reference})")
+        return f"solopo(base={self.base.describe()}, {self.params.summary()})"
 
-    def _long_reference(self, inputs: ObjectiveInputs, long_role: Role) -> Optional[torch.Tensor]:
+    def _long_reference(self, inputs: ObjectiveInputs, long_role: Role) -> torch.Tensor | None:
         if not self.base.needs_reference:
             return None
         if self.params.solo_ra_reference == "short":
@@ -76,7 +75,8 @@ class SoLoPOObjective(Objective):
     def group_losses(self, inputs: ObjectiveInputs):
         policy, reference = inputs.policy, inputs.reference
         short_chosen, short_rejected = policy[Role.SHORT_CHOSEN], policy[Role.SHORT_REJECTED]
-        ref_chosen, ref_rejected = reference.get(Role.SHORT_CHOSEN), reference.get(Role.SHORT_REJECTED)
+        ref_chosen = reference.get(Role.SHORT_CHOSEN)
+        ref_rejected = reference.get(Role.SHORT_REJECTED)
         losses, extra = self.base.pair_loss(short_chosen, short_rejected, ref_chosen, ref_rejected)
         short_rewards = {"chosen": self.base.reward(short_chosen, ref_chosen),
                          "rejected": self.base.reward(short_rejected, ref_rejected)}
@@ -89,7 +89,7 @@ class SoLoPOObjective(Objective):
         for role in self.aligned:
             long_reward = self.base.reward(policy[role], self._long_reference(inputs, role))
             long_rewards[role.response] = long_reward
-            # s(.) = identity: the paper's per-algorithm function is not public (docs/objectives.md).
+            # s(.) = identity: the paper's per-algorithm s is not public (docs/objectives.md).
             gap = torch.abs(short_rewards[role.response] - long_reward)
             alignment = alignment + gap
             suffix = "" if role.response == "chosen" else "_rejected"
@@ -105,25 +105,31 @@ class SoLoPOObjective(Objective):
 
 
 @dataclasses.dataclass(frozen=True)
-class LongPOParams:
+class LongPOParams(Hyperparameters):
     beta: float = 0.1
-    """Inverse temperature (the paper: 0.1; the official launch script: 0.01)."""
+    """Inverse temperature, > 0 (the paper: 0.1; the official launch script: 0.01)."""
 
     preference_weight: float = 0.01
-    """lambda: weight of the short-to-long preference term; the NLL has weight 1 (alias ``lambda``)."""
+    """lambda: weight of the short-to-long preference term, >= 0; the NLL has weight 1 (alias
+    ``lambda``)."""
 
     nll_include_context: bool = True
     """NLL over every real token of the long chosen sequence (document, instructions, responses;
     the official code) instead of the response tokens only. Padding is always excluded."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.preference_weight < 0:
-            raise ValueError(f"preference_weight (lambda) must be >= 0, got {self.preference_weight}")
+        if not self.preference_weight >= 0:
+            raise ValueError(f"preference_weight (lambda) must be >= 0, got "
+                             f"{self.preference_weight}")
 
 
 class LongPOObjective(Objective):
+    """Multi-turn records arrive summed by the trainer: the policy's long sequence carries every
+    turn's response in its response mask, and the reference value of a group is the sum of its
+    per-turn short sequences' log-probs (the official code sums log-probs over turns)."""
+
     name = "longpo"
     policy_roles = (Role.LONG_CHOSEN, Role.LONG_REJECTED)
     reference_roles = (Role.SHORT_CHOSEN, Role.SHORT_REJECTED)
@@ -140,7 +146,7 @@ class LongPOObjective(Objective):
         if self.params.nll_include_context:
             nll = -as_float(chosen.sequence_logps) / as_float(chosen.sequence_num_tokens)
         else:
-            nll = -as_float(chosen.logps) / as_float(chosen.num_tokens)
+            nll = -average_logps(chosen)
         reward_chosen = beta * (as_float(chosen.logps) - ref_chosen)
         reward_rejected = beta * (as_float(rejected.logps) - ref_rejected)
         preference = -F.logsigmoid(reward_chosen - reward_rejected)
