@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Synthetic long-context preference records (docs/data.md "Synthetic tasks"), no downloads.
 
-    python tools/make_synthetic_data.py --task multidoc_qa --num-records 2000 \
-        --long-length 16000 --output data/mdqa.jsonl [--tokenizer-dir data/tok]
+    python tools/make_synthetic_data.py --task multidoc_qa --num-records 2000 \\
+        --long-length 16000 --output data/mdqa.jsonl --tokenizer-dir data/tok
 
---tokenizer-dir also trains a tiny SentencePiece tokenizer on the tasks' vocabulary there.
+--long-length is in words, or in tokens of --tokenizer-model with --length-unit tokens.
+--tokenizer-dir also trains a tiny SentencePiece tokenizer on the tasks' vocabulary there
+(<dir>/tokenizer.model), and --hf-tokenizer-dir a tiny Hugging Face one.
 """
 
 import argparse
 import sys
 
 from megatron_solopo.data import synthetic
+from megatron_solopo.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 
 def main(argv=None) -> int:
@@ -18,24 +21,46 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=synthetic.TASKS, required=True)
     parser.add_argument("--num-records", type=int, required=True)
     parser.add_argument("--long-length", type=int, default=1000,
-                        help="words in each long context (~tokens with the tiny tokenizers)")
+                        help="length of each long context (default: %(default)s)")
+    parser.add_argument("--length-unit", choices=("words", "tokens"), default="words",
+                        help="tokens: measured with --tokenizer-type/--tokenizer-model")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="SentencePieceTokenizer")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="for --length-unit tokens (default: the one --tokenizer-dir trains)")
+    parser.add_argument("--num-turns", type=int, default=1,
+                        help="questions per long context (LongPO multi-turn records when > 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True, help="JSONL file to write")
     parser.add_argument("--tokenizer-dir", default=None,
-                        help="also train a SentencePiece tokenizer here")
+                        help="also train a tiny SentencePiece tokenizer here")
     parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--hf-tokenizer-dir", default=None,
+                        help="also write a tiny Hugging Face tokenizer (with a chat template) here")
     args = parser.parse_args(argv)
     try:
+        sp_model = (synthetic.train_sentencepiece_tokenizer(args.tokenizer_dir, args.vocab_size)
+                    if args.tokenizer_dir else None)
+        if sp_model:
+            print(f"wrote tokenizer {sp_model}")
+        if args.hf_tokenizer_dir:
+            synthetic.make_hf_tokenizer(args.hf_tokenizer_dir)
+            print(f"wrote tokenizer {args.hf_tokenizer_dir}")
+        long_length = args.long_length
+        if args.length_unit == "tokens":
+            model = args.tokenizer_model or sp_model
+            if not model:
+                raise ValueError("--length-unit tokens needs --tokenizer-model (or --tokenizer-dir)")
+            tokenizer = build_tokenizer(args.tokenizer_type if args.tokenizer_model else
+                                        "SentencePieceTokenizer", model)
+            long_length = synthetic.words_for_tokens(args.task, args.long_length, tokenizer)
+            print(f"{args.long_length} tokens of {tokenizer.name} ~ {long_length} words")
         records = synthetic.generate_records(args.task, args.num_records, seed=args.seed,
-                                             long_length=args.long_length)
+                                             long_length=long_length, num_turns=args.num_turns)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     synthetic.write_jsonl(records, args.output)
     print(f"wrote {len(records)} {args.task} records to {args.output}")
-    if args.tokenizer_dir:
-        model = synthetic.train_sentencepiece_tokenizer(args.tokenizer_dir, args.vocab_size)
-        print(f"wrote tokenizer {model}")
     return 0
 
 

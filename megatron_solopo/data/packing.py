@@ -1,11 +1,12 @@
-"""Packing whole preference groups into THD micro-batches (the PackedMicroBatch contract,
-data/batch.py).
+"""Packing whole preference groups into THD micro-batches (the PackedMicroBatch contract in
+data/batch.py; docs/data.md "Packing").
 
-A micro-batch is a list of groups concatenated sequence by sequence (group order as given; within
-a group, roles in the order asked, each role's turns in stored order). Every sequence is padded at
-its tail to a multiple of ``pad_multiple`` (``2 * CP``, times TP with sequence parallelism), so it
-can be split into the 2*CP load-balanced chunks of context parallelism. Groups are never split:
-micro-batches are filled greedily up to a token budget (after padding).
+A micro-batch is a list of groups concatenated sequence by sequence: groups in the order given,
+within a group the roles in the order asked, each role's sequences (turns) in stored order.
+Every sequence is padded at its tail to a multiple of ``pad_multiple`` (``2 * CP``, times TP with
+sequence parallelism) so that context parallelism can cut it into ``2 * CP`` equal chunks.
+Groups are never split: micro-batches are filled greedily, in order, up to a token budget counted
+after padding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from megatron_solopo.roles import Role
 
 def pad_multiple_for(context_parallel_size: int, tensor_model_parallel_size: int,
                      sequence_parallel: bool) -> int:
+    """Every sequence's padded length is a multiple of this: CP splits a sequence into ``2 * CP``
+    load-balanced chunks, and sequence parallelism splits each CP rank's tokens over TP."""
     return 2 * context_parallel_size * (tensor_model_parallel_size if sequence_parallel else 1)
 
 
@@ -29,24 +32,39 @@ def padded_length(length: int, pad_multiple: int) -> int:
     return -(-length // pad_multiple) * pad_multiple
 
 
+def _group_sequences(group: PreferenceGroup, roles: Sequence[Role]) -> list:
+    """``[(role, tokens, response_mask)]`` in packing order."""
+    out = []
+    for role in roles:
+        if role not in group.sequences:
+            raise ValueError(f"record {group.record_id!r}: no {role} sequence in this group "
+                             f"(get_group was asked for {', '.join(map(str, group.sequences))})")
+        out.extend((role, tokens, mask) for tokens, mask in group.sequences[role])
+    return out
+
+
 def group_num_tokens(group: PreferenceGroup, roles: Sequence[Role], pad_multiple: int) -> int:
     """Tokens the group takes in a pack, padding included."""
     return sum(padded_length(len(tokens), pad_multiple)
-               for role in roles for tokens, _ in group.sequences[role])
+               for _, tokens, _ in _group_sequences(group, roles))
 
 
 def plan_micro_batches(group_sizes: Sequence[int], token_budget: int,
                        group_ids: Optional[Sequence[str]] = None) -> list[list[int]]:
-    """Greedy, in order: positions of the groups in each micro-batch. A group larger than the
-    budget is an error naming the record."""
+    """Positions of the groups in each micro-batch: greedy, in order, never splitting a group.
+    A group larger than the budget is a ValueError naming its record (``group_ids``) and size."""
+    if token_budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {token_budget}")
     plan: list[list[int]] = []
-    used = token_budget + 1
+    used = token_budget + 1  # forces a new micro-batch for the first group
     for position, size in enumerate(group_sizes):
         if size > token_budget:
-            name = repr(group_ids[position]) if group_ids is not None else f"#{position}"
-            raise ValueError(f"record {name} needs {size} tokens (after padding), more than the "
-                             f"micro-batch budget data.max_tokens_per_micro_batch={token_budget}; "
-                             f"raise the budget (more context parallelism) or truncate the data")
+            name = repr(group_ids[position]) if group_ids is not None else f"at position {position}"
+            raise ValueError(f"record {name} needs {size} tokens (padding included), more than the "
+                             f"micro-batch budget data.max_tokens_per_micro_batch={token_budget}; a "
+                             f"preference group is never split: raise the budget (with more "
+                             f"context parallelism) or re-run tools/preprocess_data.py with "
+                             f"--max-long-length/--max-short-length")
         if used + size > token_budget:
             plan.append([])
             used = 0
@@ -57,53 +75,55 @@ def plan_micro_batches(group_sizes: Sequence[int], token_budget: int,
 
 def pack_groups(groups: Sequence[PreferenceGroup], roles: Sequence[Role], pad_multiple: int,
                 pad_token_id: int) -> PackedMicroBatch:
-    tokens, labels, loss_mask, target_mask, positions = [], [], [], [], []
-    cu, lengths, role_tags, group_index = [0], [], [], []
-    for g, group in enumerate(groups):
-        for role in roles:
-            for ids, response in group.sequences[role]:
-                length = len(ids)
-                padded = padded_length(length, pad_multiple)
-                seq_tokens = np.full(padded, pad_token_id, dtype=np.int64)
-                seq_tokens[:length] = ids
-                # Position t predicts token t+1 of the same sequence; the last real position and
-                # the padding have no target.
-                seq_labels = np.zeros(padded, dtype=np.int64)
-                seq_labels[:length - 1] = ids[1:]
-                real = np.zeros(padded, dtype=np.float32)
-                real[:length - 1] = 1.0
-                is_response = np.zeros(padded, dtype=np.float32)
-                is_response[:length - 1] = response[1:]
-                tokens.append(seq_tokens)
-                labels.append(seq_labels)
-                loss_mask.append(is_response)
-                target_mask.append(real)
-                positions.append(np.arange(padded, dtype=np.int64))
-                cu.append(cu[-1] + padded)
-                lengths.append(length)
-                role_tags.append(role.index)
-                group_index.append(g)
-    batch = PackedMicroBatch(
-        tokens=torch.from_numpy(np.concatenate(tokens)),
-        labels=torch.from_numpy(np.concatenate(labels)),
-        loss_mask=torch.from_numpy(np.concatenate(loss_mask)),
-        target_mask=torch.from_numpy(np.concatenate(target_mask)),
-        position_ids=torch.from_numpy(np.concatenate(positions)),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        seq_lengths=torch.tensor(lengths, dtype=torch.int32),
-        roles=torch.tensor(role_tags, dtype=torch.int64),
-        group_index=torch.tensor(group_index, dtype=torch.int64),
+    """One micro-batch holding ``groups`` (see data/batch.py for every field)."""
+    if not groups:
+        raise ValueError("pack_groups needs at least one group")
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+    sequences = [(g, role, tokens, mask) for g, group in enumerate(groups)
+                 for role, tokens, mask in _group_sequences(group, roles)]
+    lengths = np.array([len(tokens) for _, _, tokens, _ in sequences], dtype=np.int64)
+    if (lengths < 1).any():
+        raise ValueError("a sequence is empty")
+    padded = -(-lengths // pad_multiple) * pad_multiple
+    cu_seqlens = np.concatenate([[0], np.cumsum(padded)])
+    num_tokens = int(cu_seqlens[-1])
+
+    tokens = np.full(num_tokens, pad_token_id, dtype=np.int64)
+    labels = np.zeros(num_tokens, dtype=np.int64)
+    loss_mask = np.zeros(num_tokens, dtype=np.float32)
+    target_mask = np.zeros(num_tokens, dtype=np.float32)
+    for (_, _, ids, mask), start, length in zip(sequences, cu_seqlens[:-1], lengths):
+        end = start + length
+        tokens[start:end] = ids
+        # Position t predicts token t+1 of the same sequence; the last real position and the
+        # padding have no target.
+        labels[start:end - 1] = ids[1:]
+        target_mask[start:end - 1] = 1.0
+        loss_mask[start:end - 1] = mask[1:]
+    # Positions restart at 0 in every sequence (padding continues the count).
+    position_ids = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu_seqlens[:-1], padded)
+    return PackedMicroBatch(
+        tokens=torch.from_numpy(tokens),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask),
+        target_mask=torch.from_numpy(target_mask),
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
+        seq_lengths=torch.from_numpy(lengths.astype(np.int32)),
+        roles=torch.tensor([role.index for _, role, _, _ in sequences], dtype=torch.int64),
+        group_index=torch.tensor([g for g, _, _, _ in sequences], dtype=torch.int64),
         sample_indices=torch.tensor([group.index for group in groups], dtype=torch.int64),
         sample_ids=[group.record_id for group in groups],
-        max_seqlen=max(c1 - c0 for c0, c1 in zip(cu[:-1], cu[1:])),
+        max_seqlen=int(padded.max()),
     )
-    return batch
 
 
-def build_micro_batches(dataset, indices: Sequence[int], roles: Sequence[Role], *,
+def build_micro_batches(dataset, indices: Sequence[int], roles: Sequence[Role],
                         token_budget: int, pad_multiple: int,
                         pad_token_id: int) -> list[PackedMicroBatch]:
-    """The records ``indices`` (in order) as packed micro-batches of whole groups."""
+    """The records ``indices`` of ``dataset`` (in this order) as packed micro-batches of whole
+    groups, each at most ``token_budget`` tokens."""
     groups = [dataset.get_group(index, roles) for index in indices]
     sizes = [group_num_tokens(group, roles, pad_multiple) for group in groups]
     plan = plan_micro_batches(sizes, token_budget, [group.record_id for group in groups])

@@ -1,20 +1,21 @@
 """JSONL preference records -> Megatron indexed dataset (tools/preprocess_data.py is the CLI).
 
-Output, all written under temporary names and renamed at the end (the sidecar last, so its
-presence means the dataset is complete; a failed run leaves nothing)::
+Two passes over the input:
 
-    <prefix>.bin / <prefix>.idx            token ids; one document per record, one sequence per
-                                           (role, turn), the sequence "mode" is the role index
-    <prefix>.mask.bin / <prefix>.mask.idx  uint8 response mask, same structure
-    <prefix>.json                          sidecar: tokenizer, counts, length histogram, source
-                                           hash, record ids
+1. validation (one process): every line is parsed and checked, ids must be unique; by default a
+   single bad line stops the run here, before any output exists, and every bad line (up to
+   ``max_errors``) is reported with file, line, record id and field;
+2. tokenization (``workers`` processes, results consumed in input order so the output does not
+   depend on the number of workers), written as it arrives.
 
-Two passes: every line is validated first (nothing is written if a line is bad, unless
-``skip_invalid``), then records are tokenized by ``workers`` processes, in input order.
+Outputs (layout in data/dataset.py) are written under temporary names in the output directory
+and renamed at the end, the sidecar last; a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,125 +28,91 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_solopo.data.schema import PreferenceRecord, RecordError, parse_record
-from megatron_solopo.data.tokenizers import PreferenceTokenizer, build_tokenizer, user_text
+from megatron_solopo.data.dataset import (DATA_SUFFIXES, FORMAT_NAME, FORMAT_VERSION,
+                                          SIDECAR_SUFFIX, SPANS_SUFFIX)
+from megatron_solopo.data.encoding import OVERLONG_POLICIES, LengthLimits, encode_record
+from megatron_solopo.data.schema import RecordError, parse_record
+from megatron_solopo.data.tokenizers import build_tokenizer
 from megatron_solopo.roles import ALL_ROLES, Role
 
-FORMAT_NAME = "megatron-solopo-preference"
-FORMAT_VERSION = 1
-OVERLONG_POLICIES = ("truncate-middle", "truncate-left", "drop")
-MASK_SUFFIX = ".mask"
+__all__ = ["OVERLONG_POLICIES", "LengthLimits", "PreprocessSummary", "Validation", "preprocess",
+           "validate_inputs"]
+
+# Lines per task sent to a worker, and the raw bytes at which a task is cut short: big enough to
+# amortize inter-process traffic, small enough to keep memory flat on 128K-token records.
+_CHUNK_RECORDS = 64
+_CHUNK_BYTES = 8 << 20
 
 
+# ----------------------------------------------------------------------------------------------
+# Pass 1: validation
+# ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class TokenizedRecord:
-    record_id: str
-    roles: list  # Role per sequence
-    tokens: list  # list[int] per sequence
-    masks: list  # list[int] (0/1) per sequence
-    truncated: dict  # context kind -> sequences truncated
-    dropped: Optional[str] = None  # reason when the record is dropped
+class Validation:
+    num_records: int  # non-blank lines
+    invalid: dict  # {(file index, line number): [error message, ...]} for every bad line
+    errors: list  # list[RecordError], the first max_errors
+    sources: list  # [{"path", "sha256", "records"}] per input file
+
+    @property
+    def num_invalid(self) -> int:
+        return len(self.invalid)
 
 
-@dataclasses.dataclass
-class LengthLimits:
-    max_short_length: Optional[int] = None
-    max_long_length: Optional[int] = None
-    overlong: str = "truncate-middle"
-
-    def limit(self, context: str) -> Optional[int]:
-        return self.max_short_length if context == "short" else self.max_long_length
+def _lines(handle) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) for the non-blank lines of a binary file."""
+    for number, raw in enumerate(handle, start=1):
+        if raw.strip():
+            yield number, raw.rstrip(b"\r\n")
 
 
-def prompt_ids(tokenizer: PreferenceTokenizer, record: PreferenceRecord, context: str) -> list[int]:
-    text = record.context(context) or ""
-    if record.messages is not None:
-        messages = [dict(m) for m in record.messages]
-        if record.system and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": record.system})
-        messages[-1]["content"] = user_text(text, messages[-1]["content"])
-        return tokenizer.encode_messages(messages)
-    return tokenizer.encode_prompt(record.system, text, record.prompt)
-
-
-def _truncate(prompt: list[int], keep: int, policy: str, bos_id: Optional[int]) -> list[int]:
-    """Shorten the prompt to ``keep`` tokens; the response is never cut."""
-    if policy == "truncate-middle":
-        head = keep // 2
-        return prompt[:head] + prompt[len(prompt) - (keep - head):]
-    # truncate-left: drop the oldest context tokens, keeping a leading BOS.
-    first = 1 if bos_id is not None and prompt and prompt[0] == bos_id else 0
-    return prompt[:first] + prompt[len(prompt) - (keep - first):]
-
-
-def tokenize_record(tokenizer: PreferenceTokenizer, record: PreferenceRecord,
-                    roles: Sequence[Role], limits: LengthLimits) -> TokenizedRecord:
-    """The record's sequences for the requested roles it has (in ``ALL_ROLES`` order)."""
-    out = TokenizedRecord(record.id, [], [], [], {"short": 0, "long": 0})
-    for role in ALL_ROLES:
-        if role not in roles or not record.context(role.context):
-            continue
-        prompt = prompt_ids(tokenizer, record, role.context)
-        response = tokenizer.encode_response(record.response(role.response))
-        limit = limits.limit(role.context)
-        if limit is not None and len(prompt) + len(response) > limit:
-            keep = limit - len(response)
-            if limits.overlong == "drop" or keep < 2:
-                reason = ("response alone exceeds" if keep < 2 else "longer than") + \
-                    f" --max-{role.context}-length={limit} ({role}: {len(prompt) + len(response)} tokens)"
-                return dataclasses.replace(out, dropped=reason)
-            prompt = _truncate(prompt, keep, limits.overlong, tokenizer.bos_id)
-            out.truncated[role.context] += 1
-        out.roles.append(role)
-        out.tokens.append(prompt + response)
-        out.masks.append([0] * len(prompt) + [1] * len(response))
-    return out
-
-
-def _iter_lines(paths: Sequence[str]) -> Iterator[tuple[str, int, bytes]]:
-    for path in paths:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if raw.strip():
-                    yield path, number, raw.rstrip(b"\r\n")
-
-
-def validate_inputs(paths: Sequence[str], max_errors: int):
-    """Pass 1. Returns (valid (path, line) set, errors (capped), number of bad lines, source info)."""
-    valid, errors, num_bad = set(), [], 0
-    seen_ids: dict[str, tuple[str, int]] = {}
-    sources = []
+def validate_inputs(paths: Sequence[str], max_errors: int = 20) -> Validation:
+    """Pass 1: every line of every file; ids must be unique across the files."""
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"--input {path}: file not found")
-        sources.append({"path": os.path.abspath(path), "sha256": _sha256(path)})
-    for path, line, raw in _iter_lines(paths):
-        record, record_errors = parse_record(raw, path, line)
-        if record is not None:
-            if record.id in seen_ids:
-                first = seen_ids[record.id]
-                record_errors = [RecordError(path, line, record.id, "id",
-                                             f"duplicate id (first at {first[0]}:{first[1]})")]
-            else:
-                seen_ids[record.id] = (path, line)
-        if record_errors:
-            num_bad += 1
-            errors.extend(record_errors[:max(0, max_errors - len(errors))])
-        else:
-            valid.add((path, line))
-    return valid, errors, num_bad, sources
+    invalid: dict = {}
+    errors: list[RecordError] = []
+    first_seen: dict[str, tuple[str, int]] = {}
+    sources, num_records = [], 0
+    for file_index, path in enumerate(paths):
+        digest, count = hashlib.sha256(), 0
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                digest.update(raw)
+                if not raw.strip():
+                    continue
+                count += 1
+                record, record_errors = parse_record(raw.rstrip(b"\r\n"), path, number)
+                if record is not None:
+                    if record.id in first_seen:
+                        earlier = first_seen[record.id]
+                        record_errors = [RecordError(path, number, record.id, "id", f"duplicate id "
+                                                     f"(first at {earlier[0]}:{earlier[1]})")]
+                    else:
+                        first_seen[record.id] = (path, number)
+                if record_errors:
+                    invalid[(file_index, number)] = [str(e) for e in record_errors]
+                    errors.extend(record_errors[:max(0, max_errors - len(errors))])
+        sources.append({"path": os.path.abspath(path), "sha256": digest.hexdigest(),
+                        "records": count})
+        num_records += count
+    return Validation(num_records, invalid, errors, sources)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _invalid_input_message(validation: Validation, paths: Sequence[str]) -> str:
+    shown = "\n  ".join(str(error) for error in validation.errors)
+    more = validation.num_invalid - len({(e.path, e.line) for e in validation.errors})
+    tail = f"\n  ... and {more} more invalid record(s) (raise --max-errors to see them)" if more > 0 else ""
+    return (f"{validation.num_invalid} invalid record(s) in {', '.join(paths)}; nothing was "
+            f"written (fix them, or use --skip-invalid to write them to a rejects file and go "
+            f"on):\n  {shown}{tail}")
 
 
-# Worker state for multiprocess tokenization (one tokenizer per process).
-_WORKER: dict = {}
+# ----------------------------------------------------------------------------------------------
+# Pass 2: tokenization in worker processes
+# ----------------------------------------------------------------------------------------------
+_WORKER: dict = {}  # per process: the tokenizer, roles and limits
 
 
 def _init_worker(tokenizer_type: str, tokenizer_model: str, roles, limits) -> None:
@@ -153,19 +120,80 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str, roles, limits) -> No
                    limits=limits)
 
 
-def _work(item: tuple[str, int, bytes]) -> TokenizedRecord:
-    path, line, raw = item
-    record, _ = parse_record(raw, path, line)
-    return tokenize_record(_WORKER["tokenizer"], record, _WORKER["roles"], _WORKER["limits"])
+def _encode_chunk(chunk: list) -> list:
+    """Tokenize ``[(path, line, raw)]``; numpy arrays keep the trip back to the writer cheap."""
+    results = []
+    for path, line, raw in chunk:
+        record, errors = parse_record(raw, path, line)
+        assert record is not None, errors  # pass 1 let only valid lines through
+        try:
+            encoded = encode_record(_WORKER["tokenizer"], record, _WORKER["roles"], _WORKER["limits"])
+        except ValueError as err:
+            raise ValueError(f"{path}:{line}: {err}") from None
+        sequences = encoded.sequences
+        results.append({
+            "record_id": encoded.record_id,
+            "dropped": encoded.dropped,
+            "truncated": encoded.truncated,
+            "multi_turn": record.is_multi_turn,
+            "tokens": (np.concatenate([np.asarray(s.tokens, dtype=np.int32) for s in sequences])
+                       if sequences else np.zeros(0, dtype=np.int32)),
+            "lengths": [len(s.tokens) for s in sequences],
+            "roles": [s.role.index for s in sequences],
+            "spans": np.asarray([b for s in sequences for span in s.spans for b in span],
+                                dtype=np.int32),
+            "span_lengths": [2 * len(s.spans) for s in sequences],
+        })
+    return results
 
 
+def _chunks(paths: Sequence[str], invalid: dict) -> Iterator[list]:
+    chunk, size = [], 0
+    for file_index, path in enumerate(paths):
+        with open(path, "rb") as handle:
+            for number, raw in _lines(handle):
+                if (file_index, number) in invalid:
+                    continue
+                chunk.append((path, number, raw))
+                size += len(raw)
+                if len(chunk) >= _CHUNK_RECORDS or size >= _CHUNK_BYTES:
+                    yield chunk
+                    chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encoded(paths, invalid, init_args, workers: int) -> Iterator[list]:
+    """Encoded chunks in input order; at most a few chunks per worker in flight (flat memory)."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for chunk in _chunks(paths, invalid):
+            yield _encode_chunk(chunk)
+        return
+    # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in _chunks(paths, invalid):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class PreprocessSummary:
     records_read: int
     records_written: int
-    records_rejected: int
-    records_dropped: int
-    sequences_truncated: dict
+    records_rejected: int  # invalid lines (only with skip_invalid; otherwise the run stops)
+    records_dropped: int  # over the length limit with --overlong drop, or beyond any fix
+    records_without_roles: int  # none of the --roles requested
+    records_truncated: dict  # {"short": n, "long": n} records whose context was cut
+    num_sequences: int
     num_tokens: int
     seconds: float
     output_prefix: str
@@ -175,21 +203,60 @@ class PreprocessSummary:
         return self.num_tokens / max(self.seconds, 1e-9)
 
     def __str__(self) -> str:
-        return (f"records read {self.records_read}, written {self.records_written}, rejected "
-                f"{self.records_rejected}, dropped (overlong) {self.records_dropped}; truncated "
-                f"sequences: short {self.sequences_truncated['short']}, long "
-                f"{self.sequences_truncated['long']}; {self.num_tokens:,} tokens in "
+        return (f"records read {self.records_read:,}, written {self.records_written:,}, rejected "
+                f"{self.records_rejected:,}, dropped {self.records_dropped:,} (overlong) + "
+                f"{self.records_without_roles:,} (no requested role); truncated contexts: short "
+                f"{self.records_truncated['short']:,}, long {self.records_truncated['long']:,}; "
+                f"{self.num_sequences:,} sequences, {self.num_tokens:,} tokens in "
                 f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s) -> "
-                f"{self.output_prefix}.{{bin,idx,json}}")
+                f"{self.output_prefix}{{.bin,.idx,{SPANS_SUFFIX}.bin,{SPANS_SUFFIX}.idx,.ids,"
+                f"{SIDECAR_SUFFIX}}}")
 
 
-def _histogram(lengths: list[int]) -> dict:
-    """Counts of sequence lengths per power-of-two bucket: {"<=512": n, ...}."""
-    counts: dict[str, int] = {}
-    for length in lengths:
-        bucket = 1 << max(0, (max(length, 1) - 1).bit_length())
-        counts[f"<={bucket}"] = counts.get(f"<={bucket}", 0) + 1
-    return dict(sorted(counts.items(), key=lambda item: int(item[0][2:])))
+def _histogram(lengths: Sequence[int]) -> dict:
+    """Counts of sequence lengths per power-of-two bucket: ``{"<=512": n, ...}``."""
+    counts: dict[int, int] = collections.Counter(
+        1 << max(0, (max(length, 1) - 1).bit_length()) for length in lengths)
+    return {f"<={bucket}": counts[bucket] for bucket in sorted(counts)}
+
+
+class _Stats:
+    """What the writer counts for the sidecar and the summary."""
+
+    def __init__(self):
+        self.record_ids: list[str] = []
+        self.dropped, self.without_roles, self.multi_turn = 0, 0, 0
+        self.truncated = {"short": 0, "long": 0}
+        self.role_records = collections.Counter()
+        self.role_sequences = collections.Counter()
+        self.lengths: dict[str, list[int]] = {"short": [], "long": []}
+        self.num_tokens, self.num_response_tokens = 0, 0
+
+    def add(self, result: dict) -> None:
+        self.record_ids.append(result["record_id"])
+        self.multi_turn += int(result["multi_turn"])
+        for kind in result["truncated"]:
+            self.truncated[kind] += 1
+        roles = [Role.from_index(index) for index in result["roles"]]
+        self.role_records.update(set(role.value for role in roles))
+        self.role_sequences.update(role.value for role in roles)
+        for role, length in zip(roles, result["lengths"]):
+            self.lengths[role.context].append(length)
+        spans = result["spans"]
+        self.num_response_tokens += int((spans[1::2] - spans[0::2]).sum())
+        self.num_tokens += int(result["tokens"].size)
+
+
+def _write_rejects(path: str, inputs: Sequence[str], invalid: dict) -> None:
+    """Every invalid line with its errors, as JSONL."""
+    with open(path, "w") as out:
+        for file_index, source in enumerate(inputs):
+            with open(source, "rb") as handle:
+                for number, raw in _lines(handle):
+                    if (file_index, number) in invalid:
+                        out.write(json.dumps({"file": source, "line": number,
+                                              "errors": invalid[(file_index, number)],
+                                              "raw": raw.decode("utf-8", errors="replace")}) + "\n")
 
 
 def preprocess(
@@ -207,124 +274,137 @@ def preprocess(
     max_errors: int = 20,
     roles: Optional[Sequence[Role]] = None,
     progress: bool = False,
+    log_interval: int = 0,
 ) -> PreprocessSummary:
+    """Validate, tokenize and write ``inputs`` as the dataset ``output_prefix`` (see the module
+    docstring and docs/data.md); raises ValueError for bad input or flags, writing nothing."""
     import megatron_solopo  # noqa: F401  (triton stub before megatron imports)
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    if overlong not in OVERLONG_POLICIES:
-        raise ValueError(f"--overlong {overlong!r}; valid: {', '.join(OVERLONG_POLICIES)}")
-    for flag, value in (("--max-long-length", max_long_length), ("--max-short-length", max_short_length)):
-        if value is not None and value < 2:
-            raise ValueError(f"{flag} must be >= 2, got {value}")
-    roles = tuple(roles) if roles else ALL_ROLES
-    start = time.perf_counter()
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast on a bad tokenizer
-    valid, errors, num_bad, sources = validate_inputs(inputs, max_errors)
-    if num_bad and not skip_invalid:
-        shown = "\n  ".join(str(e) for e in errors)
-        raise ValueError(f"{num_bad} invalid record(s); nothing was written (use --skip-invalid to "
-                         f"write them to a rejects file and go on). First {len(errors)} error(s):"
-                         f"\n  {shown}")
-    limits = LengthLimits(max_short_length, max_long_length, overlong)
-    output_prefix = str(output_prefix)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{output_prefix}.tmp-{os.getpid()}"
-    finals = {f"{tmp}.bin": f"{output_prefix}.bin", f"{tmp}.idx": f"{output_prefix}.idx",
-              f"{tmp}{MASK_SUFFIX}.bin": f"{output_prefix}{MASK_SUFFIX}.bin",
-              f"{tmp}{MASK_SUFFIX}.idx": f"{output_prefix}{MASK_SUFFIX}.idx",
-              f"{tmp}.json": f"{output_prefix}.json"}
-    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    try:
-        tokens_builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype, multimodal=True)
-        mask_builder = IndexedDatasetBuilder(f"{tmp}{MASK_SUFFIX}.bin", dtype=np.uint8, multimodal=True)
-        items = [item for item in _iter_lines(inputs) if (item[0], item[1]) in valid]
-        record_ids, dropped, truncated = [], 0, {"short": 0, "long": 0}
-        role_counts = {role.value: 0 for role in ALL_ROLES}
-        lengths = {"short": [], "long": []}
-        num_tokens = 0
-        results = _tokenize_all(items, tokenizer_type, tokenizer_model, roles, limits, workers,
-                                progress)
-        for result in results:
-            if result.dropped:
-                dropped += 1
-                continue
-            document = np.concatenate([np.asarray(t, dtype=np.int64) for t in result.tokens])
-            if document.size and int(document.max()) >= tokenizer.vocab_size:
-                raise ValueError(f"record {result.record_id!r}: token id {int(document.max())} "
-                                 f">= vocab size {tokenizer.vocab_size}")
-            seq_lengths = [len(t) for t in result.tokens]
-            modes = [role.index for role in result.roles]
-            tokens_builder.add_document(document, seq_lengths, modes)
-            mask_builder.add_document(np.concatenate([np.asarray(m, dtype=np.uint8)
-                                                      for m in result.masks]), seq_lengths, modes)
-            record_ids.append(result.record_id)
-            for role, length in zip(result.roles, seq_lengths):
-                role_counts[role.value] += 1
-                lengths[role.context].append(length)
-            num_tokens += int(document.size)
-            for kind in truncated:
-                truncated[kind] += result.truncated[kind]
-        tokens_builder.finalize(f"{tmp}.idx")
-        mask_builder.finalize(f"{tmp}{MASK_SUFFIX}.idx")
-        source_hash = hashlib.sha256("".join(s["sha256"] for s in sources).encode()).hexdigest()
-        sidecar = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "tokenizer": tokenizer.describe(), "vocab_size": tokenizer.vocab_size,
-            "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id,
-            "token_dtype": np.dtype(token_dtype).name,
-            "num_records": len(record_ids), "num_tokens": num_tokens,
-            "roles": {name: count for name, count in role_counts.items() if count},
-            "length_histogram": {kind: _histogram(values) for kind, values in lengths.items() if values},
-            "max_length": {kind: max(values) for kind, values in lengths.items() if values},
-            "limits": dataclasses.asdict(limits), "truncated": truncated, "dropped": dropped,
-            "rejected": num_bad, "sources": sources, "source_hash": source_hash,
-            "record_ids": record_ids,
-        }
-        with open(f"{tmp}.json", "w") as handle:
-            json.dump(sidecar, handle, indent=1)
-        if num_bad and skip_invalid:
-            _write_rejects(rejects_file or f"{output_prefix}.rejects.jsonl", inputs, valid, max_errors)
-        for source, target in finals.items():  # sidecar last: it marks a complete dataset
-            os.replace(source, target)
-    finally:
-        for source in finals:
-            if os.path.exists(source):
-                os.remove(source)
-    return PreprocessSummary(len(valid) + num_bad, len(record_ids), num_bad, dropped, truncated,
-                             num_tokens, time.perf_counter() - start, output_prefix)
-
-
-def _tokenize_all(items, tokenizer_type, tokenizer_model, roles, limits, workers, progress):
     from tqdm import tqdm
 
-    bar = tqdm(total=len(items), unit="rec", desc="tokenizing", file=sys.stderr,
-               disable=not progress, mininterval=0.5)
-    if workers <= 1:
-        _init_worker(tokenizer_type, tokenizer_model, roles, limits)
-        for item in items:
-            yield _work(item)
-            bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_worker,
-                          initargs=(tokenizer_type, tokenizer_model, roles, limits)) as pool:
-            for result in pool.imap(_work, items, chunksize=max(1, min(64, len(items) // (4 * workers) or 1))):
-                yield result
-                bar.update()
-    bar.close()
+    start = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    limits = LengthLimits(max_short_length, max_long_length, overlong)
+    roles = tuple(sorted(set(roles), key=lambda role: role.index)) if roles else ALL_ROLES
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast on a bad tokenizer
+    validation = validate_inputs(inputs, max_errors)
+    if validation.num_invalid and not skip_invalid:
+        raise ValueError(_invalid_input_message(validation, inputs))
+    num_valid = validation.num_records - validation.num_invalid
+    if num_valid == 0:
+        raise ValueError(f"no valid record in {', '.join(inputs)}; nothing was written")
+
+    output_prefix = str(output_prefix)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{output_prefix}.tmp{os.getpid()}"
+    rejects_path = rejects_file or f"{output_prefix}.rejects.jsonl"
+    renames = {tmp + suffix: output_prefix + suffix for suffix in DATA_SUFFIXES}
+    if validation.num_invalid:
+        renames[f"{rejects_path}.tmp{os.getpid()}"] = rejects_path
+    renames[tmp + SIDECAR_SUFFIX] = output_prefix + SIDECAR_SUFFIX  # last: marks completion
+    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    stats = _Stats()
+    bar = tqdm(total=num_valid, unit="rec", desc="tokenizing", file=sys.stderr,
+               disable=not progress, mininterval=0.5, dynamic_ncols=True)
+    builders = []
+    try:
+        token_builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype, multimodal=True)
+        span_builder = IndexedDatasetBuilder(tmp + SPANS_SUFFIX + ".bin", dtype=np.int32)
+        builders = [token_builder, span_builder]
+        init_args = (tokenizer_type, tokenizer_model, roles, limits)
+        encoded = contextlib.closing(_encoded(inputs, validation.invalid, init_args, workers))
+        with open(tmp + ".ids", "w") as ids_file, encoded as chunks:
+            for chunk in chunks:
+                for result in chunk:
+                    if result["dropped"]:
+                        if result["dropped"].startswith("overlong"):
+                            stats.dropped += 1
+                        else:
+                            stats.without_roles += 1
+                        continue
+                    tokens = result["tokens"]
+                    if int(tokens.max()) >= tokenizer.vocab_size or int(tokens.min()) < 0:
+                        raise ValueError(f"record {result['record_id']!r}: token id outside "
+                                         f"[0, {tokenizer.vocab_size}) from {tokenizer.name}")
+                    token_builder.add_document(tokens, result["lengths"], result["roles"])
+                    span_builder.add_document(result["spans"], result["span_lengths"])
+                    ids_file.write(json.dumps(result["record_id"]) + "\n")
+                    stats.add(result)
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{stats.num_tokens / (time.perf_counter() - start):,.0f} tok/s",
+                                    refresh=False)
+                done = bar.n
+                if log_interval and done // log_interval != (done - len(chunk)) // log_interval:
+                    bar.write(f"[preprocess] {done:,}/{num_valid:,} records, {stats.num_tokens:,} "
+                              f"tokens, {stats.num_tokens / (time.perf_counter() - start):,.0f} "
+                              f"tokens/s", file=sys.stderr)
+        bar.close()
+        if not stats.record_ids:
+            raise ValueError(f"every record was dropped ({stats.dropped} over the length limits "
+                             f"with --overlong {overlong}, {stats.without_roles} without a "
+                             f"requested role); nothing was written")
+        token_builder.finalize(tmp + ".idx")
+        span_builder.finalize(tmp + SPANS_SUFFIX + ".idx")
+        if validation.num_invalid:
+            _write_rejects(f"{rejects_path}.tmp{os.getpid()}", inputs, validation.invalid)
+        sidecar = _sidecar(tokenizer, token_dtype, limits, roles, stats, validation,
+                           {suffix: os.path.getsize(tmp + suffix) for suffix in DATA_SUFFIXES})
+        with open(tmp + SIDECAR_SUFFIX, "w") as handle:
+            json.dump(sidecar, handle, indent=1)
+            handle.write("\n")
+        # An older dataset at this prefix stops being one before its files are replaced.
+        if os.path.exists(output_prefix + SIDECAR_SUFFIX):
+            os.remove(output_prefix + SIDECAR_SUFFIX)
+        for source, target in renames.items():
+            os.replace(source, target)
+    finally:
+        bar.close()
+        for builder in builders:
+            builder.data_file.close()
+        for source in renames:
+            if os.path.exists(source):
+                os.remove(source)
+    return PreprocessSummary(
+        records_read=validation.num_records, records_written=len(stats.record_ids),
+        records_rejected=validation.num_invalid, records_dropped=stats.dropped,
+        records_without_roles=stats.without_roles, records_truncated=dict(stats.truncated),
+        num_sequences=sum(stats.role_sequences.values()), num_tokens=stats.num_tokens,
+        seconds=time.perf_counter() - start, output_prefix=output_prefix)
 
 
-def _write_rejects(path: str, inputs: Sequence[str], valid: set, max_errors: int) -> None:
-    """Every invalid line with its errors, as JSONL (atomic)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        for source, line, raw in _iter_lines(inputs):
-            if (source, line) in valid:
-                continue
-            _, errors = parse_record(raw, source, line)
-            if not errors:  # a duplicate id: valid on its own
-                errors = [RecordError(source, line, None, "id", "duplicate id")]
-            handle.write(json.dumps({"file": source, "line": line,
-                                     "errors": [str(e) for e in errors],
-                                     "raw": raw.decode("utf-8", errors="replace")}) + "\n")
-    os.replace(tmp, path)
+def _sidecar(tokenizer, token_dtype, limits, roles, stats: _Stats, validation: Validation,
+             files: dict) -> dict:
+    ids_digest = hashlib.sha256("\n".join(stats.record_ids).encode()).hexdigest()
+    source_hash = hashlib.sha256("".join(s["sha256"] for s in validation.sources).encode()).hexdigest()
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "tokenizer": tokenizer.describe(),
+        "vocab_size": tokenizer.vocab_size,
+        "pad_id": tokenizer.pad_id,
+        "eos_id": tokenizer.eos_id,
+        "bos_id": tokenizer.bos_id,
+        "token_dtype": np.dtype(token_dtype).name,
+        "num_records": len(stats.record_ids),
+        "num_multi_turn_records": stats.multi_turn,
+        "num_sequences": sum(stats.role_sequences.values()),
+        "num_tokens": stats.num_tokens,
+        "num_response_tokens": stats.num_response_tokens,
+        "roles": {role.value: stats.role_records[role.value] for role in ALL_ROLES
+                  if stats.role_records[role.value]},
+        "sequences": {role.value: stats.role_sequences[role.value] for role in ALL_ROLES
+                      if stats.role_sequences[role.value]},
+        "requested_roles": [role.value for role in roles],
+        "length_histogram": {kind: _histogram(v) for kind, v in stats.lengths.items() if v},
+        "max_length": {kind: max(v) for kind, v in stats.lengths.items() if v},
+        "mean_length": {kind: round(sum(v) / len(v), 1) for kind, v in stats.lengths.items() if v},
+        "limits": dataclasses.asdict(limits),
+        "truncated": stats.truncated,
+        "dropped": {"overlong": stats.dropped, "no_requested_role": stats.without_roles},
+        "rejected": validation.num_invalid,
+        "sources": validation.sources,
+        "source_hash": source_hash,
+        "record_ids_sha256": ids_digest,
+        "files": files,
+    }

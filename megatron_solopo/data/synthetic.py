@@ -1,17 +1,22 @@
-"""Synthetic long-context preference tasks and tiny tokenizers (no downloads).
+"""Synthetic long-context preference tasks (no downloads); records in the schema of docs/data.md.
 
-Tasks produce records in the schema of docs/data.md:
+- ``multidoc_qa``: one-sentence documents state where invented people were born and what they
+  worked as; the question asks about one of them. Short context: the gold document and one other
+  person's; long context: every person's document hidden at random places among distractor
+  documents (about other invented people, never the asked one) up to the target length.
+- ``kv_retrieval``: ``key <k> has value <n>`` lines; the question asks for one key's value. Short
+  context: the six lines of the record's own keys; long context: those among many more lines with
+  other keys (every key appears once).
+- ``needle``: filler sentences (a haystack) with "the secret number of the <color> <animal> is
+  <n>" needles at random depths. Short context: the needle's paragraph; long context: the whole
+  haystack.
 
-- ``multidoc_qa``: short documents state facts about invented people; the question asks about one
-  of them. The short context is the gold document(s); the long context hides them among
-  distractor documents up to a target length. Chosen: the correct answer; rejected: a wrong
-  answer taken from a distractor, or an evasive reply.
-- ``kv_retrieval``: a list of ``key: value`` lines (needle retrieval); the short context holds the
-  queried pair and a few neighbours, the long context many more.
-
-Lengths are in words (about one token per word with the bundled tokenizers). Deterministic in
-``seed``. The vocabulary is small and systematic, so a tiny model learns the preference quickly
-(the demo and end-to-end tests rely on it).
+Chosen is the correct answer; rejected a wrong one (another key's value, another document's
+fact) or an evasive reply, half and half. ``num_turns > 1`` asks several questions about one long
+context (LongPO's multi-turn form), each turn with its own short context. Answers are short and
+the vocabulary small, so a tiny model learns the preference in a few dozen steps (the demo relies
+on it). Lengths are in words (``words_for_tokens`` converts from tokens). Deterministic in
+``seed``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-TASKS = ("multidoc_qa", "kv_retrieval")
+TASKS = ("multidoc_qa", "kv_retrieval", "needle")
 
 _SYLLABLES = ["ka", "lo", "mi", "ra", "te", "no", "vi", "sa", "du", "pe", "zo", "ha", "bu", "ri",
               "go", "la", "fe", "ni", "to", "ma"]
@@ -32,20 +37,24 @@ _JOBS = ["baker", "pilot", "painter", "farmer", "doctor", "sailor", "teacher", "
          "weaver", "potter", "singer"]
 _EVASIVE = ["The documents do not say.", "I cannot find this in the text.",
             "There is not enough information to answer.", "It is not mentioned anywhere."]
+_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+_ANIMALS = ["fox", "owl", "cat", "horse", "whale", "crow", "goat", "bear"]
+_ADJECTIVES = ["quiet", "old", "small", "bright", "cold", "green", "tall", "slow", "warm", "dark"]
+_NOUNS = ["river", "garden", "village", "mountain", "road", "forest", "harbor", "market", "field",
+          "bridge", "tower", "valley"]
+_VERBS = ["crosses", "faces", "follows", "borders", "shelters", "overlooks", "joins", "hides"]
 
 
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
 def _name(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
 
 
-def _fact(rng: random.Random, person: str) -> tuple[str, dict]:
-    city, job = rng.choice(_CITIES), rng.choice(_JOBS)
-    return (f"{person} was born in {city} and worked as a {job}.",
-            {"city": city, "job": job})
-
-
-def _fill(words_target: int, gold: list[str], make_distractor, rng: random.Random) -> str:
-    """Gold paragraphs hidden at random positions among distractors, ~words_target words."""
+def _fill(words_target: int, gold: list[str], make_distractor: Callable[[], str],
+          rng: random.Random, separator: str = "\n") -> str:
+    """``gold`` paragraphs hidden at random positions among distractors, ~``words_target`` words."""
     paragraphs = list(gold)
     count = sum(len(p.split()) for p in paragraphs)
     while count < words_target:
@@ -53,144 +62,209 @@ def _fill(words_target: int, gold: list[str], make_distractor, rng: random.Rando
         paragraphs.append(distractor)
         count += len(distractor.split())
     rng.shuffle(paragraphs)
-    return "\n".join(paragraphs)
+    return separator.join(paragraphs)
 
 
-def multidoc_qa_record(rng: random.Random, index: int, long_length: int) -> dict:
-    people = {_name(rng) for _ in range(12)}
-    people = sorted(people)
-    target = rng.choice(people)
-    fact, attributes = _fact(rng, target)
-    attribute = rng.choice(["city", "job"])
-    question = (f"Where was {target} born?" if attribute == "city"
-                else f"What did {target} work as?")
-    answer = attributes[attribute]
-    others = [p for p in people if p != target]
-    distractor_facts = [_fact(rng, p) for p in others]
-    wrong_pool = [f[1][attribute] for f in distractor_facts if f[1][attribute] != answer]
-    gold = [f"Document: {fact}"]
-    short = "\n".join(gold + [f"Document: {distractor_facts[0][0]}"])
+def _rejected(rng: random.Random, wrong_answers: list[str], phrase: Callable[[str], str]) -> str:
+    """An evasive reply or a wrong answer, half and half."""
+    wrong = rng.choice(wrong_answers) if wrong_answers else None
+    if wrong is None or rng.random() < 0.5:
+        return rng.choice(_EVASIVE)
+    return phrase(wrong)
+
+
+def _record(task: str, index: int, turns: list[dict], long_context: str) -> dict:
+    prefix = {"multidoc_qa": "mdqa", "kv_retrieval": "kv", "needle": "needle"}[task]
+    record = {"id": f"{prefix}-{index}", "long_context": long_context}
+    answers = [turn.pop("answer") for turn in turns]
+    if len(turns) == 1:
+        record.update(turns[0])
+        record["meta"] = {"task": task, "answer": answers[0]}
+    else:
+        record["turns"] = turns
+        record["meta"] = {"task": task, "answers": answers}
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------
+def _fact(rng: random.Random, person: str) -> tuple[str, dict]:
+    city, job = rng.choice(_CITIES), rng.choice(_JOBS)
+    return f"Document: {person} was born in {city} and worked as a {job}.", {"city": city, "job": job}
+
+
+def multidoc_qa_record(rng: random.Random, index: int, long_length: int, num_turns: int = 1) -> dict:
+    people = sorted({_name(rng) for _ in range(max(12, 2 * num_turns))})
+    facts = {person: _fact(rng, person) for person in people}
+    turns = []
+    for target in rng.sample(people, num_turns):
+        attribute = rng.choice(["city", "job"])
+        verb = "was born in" if attribute == "city" else "worked as a"
+        answer = facts[target][1][attribute]
+        wrong = sorted({facts[p][1][attribute] for p in people if p != target} - {answer})
+        other = rng.choice([p for p in people if p != target])
+        documents = [facts[target][0], facts[other][0]]
+        rng.shuffle(documents)
+        turns.append({
+            "prompt": f"Where was {target} born?" if attribute == "city" else f"What did {target} work as?",
+            "short_context": "\n".join(documents),
+            "chosen": f"{target} {verb} {answer}.",
+            "rejected": _rejected(rng, wrong, lambda value: f"{target} {verb} {value}."),
+            "answer": answer,
+        })
 
     def distractor() -> str:
         person = _name(rng)
-        return f"Document: {_fact(rng, person)[0]}"
+        while person in facts:  # never a second, contradicting document about an asked person
+            person = _name(rng)
+        return _fact(rng, person)[0]
 
-    long = _fill(long_length, gold + [f"Document: {f[0]}" for f in distractor_facts], distractor, rng)
-    rejected = (rng.choice(_EVASIVE) if rng.random() < 0.5 or not wrong_pool
-                else f"{target} {'was born in' if attribute == 'city' else 'worked as a'} "
-                     f"{rng.choice(wrong_pool)}.")
-    chosen = f"{target} {'was born in' if attribute == 'city' else 'worked as a'} {answer}."
-    return {"id": f"mdqa-{index}", "prompt": question, "short_context": short,
-            "long_context": long, "chosen": chosen, "rejected": rejected,
-            "meta": {"task": "multidoc_qa", "answer": answer}}
+    long_context = _fill(long_length, [facts[p][0] for p in people], distractor, rng)
+    return _record("multidoc_qa", index, turns, long_context)
 
 
-def _kv_line(rng: random.Random) -> tuple[str, str, str]:
-    key = "".join(rng.choice(_SYLLABLES) for _ in range(2))
-    value = str(rng.randint(100, 999))
-    return key, value, f"key {key} has value {value}"
+def _key_syllables(long_length: int) -> int:
+    """Syllables per key, so that the key space is >= 4x the lines a context needs (every key
+    must be unique within a record)."""
+    lines = long_length // 5 + 6  # "key <k> has value <n>": 5 words
+    syllables = 2
+    while len(_SYLLABLES) ** syllables < 4 * lines:
+        syllables += 1
+    return syllables
 
 
-def kv_retrieval_record(rng: random.Random, index: int, long_length: int) -> dict:
-    pairs = {}
-    while len(pairs) < 6:
-        key, value, _ = _kv_line(rng)
+def kv_retrieval_record(rng: random.Random, index: int, long_length: int, num_turns: int = 1) -> dict:
+    syllables = _key_syllables(long_length)
+
+    def new_pair() -> tuple[str, str]:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)), str(rng.randint(100, 999))
+
+    pairs: dict[str, str] = {}
+    while len(pairs) < max(6, num_turns + 2):
+        key, value = new_pair()
         pairs.setdefault(key, value)
     keys = sorted(pairs)
-    target = rng.choice(keys)
     lines = [f"key {k} has value {pairs[k]}" for k in keys]
-    short = "\n".join(lines)
+    targets = [rng.choice(keys)] if num_turns == 1 else rng.sample(keys, num_turns)
 
     def distractor() -> str:
         while True:
-            key, value, line = _kv_line(rng)
+            key, value = new_pair()
             if key not in pairs:
                 pairs[key] = value
-                return line
+                return f"key {key} has value {value}"
 
-    long = _fill(long_length, lines, distractor, rng)
-    wrong = rng.choice([pairs[k] for k in keys if k != target])
-    rejected = (rng.choice(_EVASIVE) if rng.random() < 0.5
-                else f"The value of key {target} is {wrong}.")
-    return {"id": f"kv-{index}", "prompt": f"What is the value of key {target}?",
-            "short_context": short, "long_context": long,
-            "chosen": f"The value of key {target} is {pairs[target]}.", "rejected": rejected,
-            "meta": {"task": "kv_retrieval", "answer": pairs[target]}}
+    long_context = _fill(long_length, lines, distractor, rng)
+    turns = []
+    for target in targets:
+        wrong = [pairs[k] for k in keys if k != target and pairs[k] != pairs[target]]
+        if num_turns == 1:
+            short = "\n".join(lines)
+        else:  # each turn its own chunk: the asked line and its neighbours
+            at = keys.index(target)
+            short = "\n".join(lines[max(0, at - 1):at + 2])
+        turns.append({
+            "prompt": f"What is the value of key {target}?",
+            "short_context": short,
+            "chosen": f"The value of key {target} is {pairs[target]}.",
+            "rejected": _rejected(rng, wrong, lambda value: f"The value of key {target} is {value}."),
+            "answer": pairs[target],
+        })
+    return _record("kv_retrieval", index, turns, long_context)
 
 
-def generate_records(task: str, num_records: int, *, seed: int = 0,
-                     long_length: int = 1000) -> list[dict]:
+def _filler(rng: random.Random) -> str:
+    return (f"The {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the "
+            f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}.")
+
+
+def needle_record(rng: random.Random, index: int, long_length: int, num_turns: int = 1) -> dict:
+    names = rng.sample([(c, a) for c in _COLORS for a in _ANIMALS], max(3, num_turns))
+    numbers = rng.sample(range(100, 1000), len(names))
+    needles = {name: str(number) for name, number in zip(names, numbers)}
+    # A needle's paragraph: filler sentences around it (the short context of that needle).
+    paragraphs = {}
+    for (color, animal), number in needles.items():
+        sentences = [_filler(rng) for _ in range(3)]
+        sentences.insert(rng.randint(0, 3), f"The secret number of the {color} {animal} is {number}.")
+        paragraphs[(color, animal)] = " ".join(sentences)
+
+    def distractor() -> str:
+        return " ".join(_filler(rng) for _ in range(4))
+
+    long_context = _fill(long_length, list(paragraphs.values()), distractor, rng, separator="\n\n")
+    turns = []
+    for color, animal in names[:num_turns]:
+        answer = needles[(color, animal)]
+        wrong = [n for key, n in needles.items() if key != (color, animal)]
+        turns.append({
+            "prompt": f"What is the secret number of the {color} {animal}?",
+            "short_context": paragraphs[(color, animal)],
+            "chosen": f"The secret number of the {color} {animal} is {answer}.",
+            "rejected": _rejected(rng, wrong, lambda value: f"The secret number of the {color} "
+                                                            f"{animal} is {value}."),
+            "answer": answer,
+        })
+    return _record("needle", index, turns, long_context)
+
+
+_GENERATORS = {"multidoc_qa": multidoc_qa_record, "kv_retrieval": kv_retrieval_record,
+               "needle": needle_record}
+
+
+def generate_records(task: str, num_records: int, *, seed: int = 0, long_length: int = 1000,
+                     num_turns: int = 1) -> list[dict]:
     """``num_records`` records of ``task`` with long contexts of about ``long_length`` words."""
     if task not in TASKS:
         raise ValueError(f"--task {task!r}; valid: {', '.join(TASKS)}")
     if long_length < 1:
         raise ValueError(f"--long-length must be >= 1, got {long_length}")
-    make = multidoc_qa_record if task == "multidoc_qa" else kv_retrieval_record
+    if not 1 <= num_turns <= 8:
+        raise ValueError(f"--num-turns must be in [1, 8], got {num_turns}")
     rng = random.Random(seed)
-    return [make(rng, index, long_length) for index in range(num_records)]
+    return [_GENERATORS[task](rng, index, long_length, num_turns) for index in range(num_records)]
+
+
+def words_for_tokens(task: str, num_tokens: int, tokenizer, *, seed: int = 12345) -> int:
+    """The ``long_length`` (words) whose long contexts come out at about ``num_tokens`` tokens
+    with ``tokenizer`` (a PreferenceTokenizer), measured on a few sample records."""
+    sample_words = 2000
+    records = generate_records(task, 4, seed=seed, long_length=sample_words)
+    tokens = sum(len(tokenizer.encode_text(r["long_context"])) for r in records)
+    words = sum(len(r["long_context"].split()) for r in records)
+    return max(1, round(num_tokens * words / tokens))
 
 
 def write_jsonl(records: Iterable[dict], path: str) -> None:
     """Atomic JSONL write."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
     """Text covering the synthetic tasks' vocabulary, to train tiny tokenizers on."""
     rng = random.Random(seed)
-    lines = []
+    lines: list[str] = []
     for index in range(num_lines // 20):
-        for record in (multidoc_qa_record(rng, index, 40), kv_retrieval_record(rng, index, 40)):
+        for make in _GENERATORS.values():
+            record = make(rng, index, 40)
             lines.extend(record["long_context"].split("\n"))
             lines.extend([record["prompt"], record["chosen"], record["rejected"]])
     lines.extend(_EVASIVE)
-    lines.append("0 1 2 3 4 5 6 7 8 9 ? . , : ;")
+    # Every printable ASCII character, so that test texts beyond the tasks never hit <unk>.
+    lines.append(" ".join(chr(code) for code in range(33, 127)))
     return lines
 
 
-def train_sentencepiece_tokenizer(output_dir: str, vocab_size: int = 256,
-                                  texts: Optional[list[str]] = None) -> str:
-    """A BPE SentencePiece model trained on ``texts`` (default: the synthetic corpus); returns the
-    ``.model`` path. Special ids: pad 0, bos 1, eos 2, unk 3."""
-    import sentencepiece
-
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    prefix = os.path.join(output_dir, "tokenizer")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts or corpus()), model_prefix=prefix, vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        byte_fallback=False, num_threads=1, minloglevel=2, hard_vocab_limit=False)
-    return prefix + ".model"
-
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
-    "{{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def make_hf_tokenizer(output_dir: str, vocab_size: int = 300,
-                      texts: Optional[list[str]] = None) -> str:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with bos/eos/pad tokens and a chat template,
-    saved to ``output_dir`` (loadable offline with ``AutoTokenizer.from_pretrained``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(texts or corpus(), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>",
-                                      eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    wrapped.chat_template = CHAT_TEMPLATE
-    wrapped.save_pretrained(output_dir)
-    return output_dir
+# The tiny tokenizers live in tiny_tokenizers.py; re-exported here, where the demo looks for them.
+from megatron_solopo.data.tiny_tokenizers import (CHAT_TEMPLATE, make_hf_tokenizer,  # noqa: E402,F401
+                                                  train_sentencepiece_tokenizer)

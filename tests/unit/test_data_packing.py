@@ -1,0 +1,122 @@
+"""Packing whole preference groups into THD micro-batches (the PackedMicroBatch contract)."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_solopo.data import synthetic
+from megatron_solopo.data.dataset import PreferenceDataset, PreferenceGroup
+from megatron_solopo.data.packing import (build_micro_batches, group_num_tokens, pack_groups,
+                                          pad_multiple_for, plan_micro_batches)
+from megatron_solopo.data.preprocess import preprocess
+from megatron_solopo.roles import ALL_ROLES, Role
+from tests.unit.data_fixtures import SP, multi_turn_record, tokenizers, write_lines  # noqa: F401
+
+SOLOPO_ROLES = [Role.SHORT_CHOSEN, Role.SHORT_REJECTED, Role.LONG_CHOSEN]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tokenizers):
+    root = tmp_path_factory.mktemp("packing")
+    records = synthetic.generate_records("kv_retrieval", 24, seed=9, long_length=50)
+    records += [multi_turn_record(i, num_turns=3) for i in range(2)]
+    path = write_lines(root / "in.jsonl", records)
+    preprocess([path], str(root / "ds"), SP, tokenizers[SP])
+    return PreferenceDataset(str(root / "ds"))
+
+
+def test_pad_multiple_for_context_and_sequence_parallelism():
+    assert pad_multiple_for(1, 1, False) == 2
+    assert pad_multiple_for(4, 8, False) == 8
+    assert pad_multiple_for(4, 8, True) == 64
+
+
+@pytest.mark.parametrize("cp,tp,sp", [(1, 1, False), (2, 1, False), (4, 2, True)])
+def test_packs_hold_whole_groups_and_reproduce_the_stored_sequences(dataset, cp, tp, sp):
+    pad = pad_multiple_for(cp, tp, sp)
+    pad_id = dataset.metadata["pad_id"]
+    indices = list(range(len(dataset)))[::-1]  # any order: packing keeps it
+    batches = build_micro_batches(dataset, indices, SOLOPO_ROLES, 1200, pad, pad_id)
+    assert len(batches) > 1
+    seen = []
+    for batch in batches:
+        batch.validate(pad)
+        assert batch.num_tokens <= 1200
+        assert batch.cu_seqlens.dtype == torch.int32 and batch.tokens.dtype == torch.int64
+        for g, sample in enumerate(batch.sample_indices.tolist()):
+            group = dataset.get_group(sample, SOLOPO_ROLES)
+            assert batch.sample_ids[g] == group.record_id
+            in_group = (batch.group_index == g).nonzero()[:, 0].tolist()
+            expected = [(role, tokens, mask) for role in SOLOPO_ROLES
+                        for tokens, mask in group.sequences[role]]
+            assert [Role.from_index(int(batch.roles[i])) for i in in_group] == [r for r, _, _ in expected]
+            for i, (role, tokens, mask) in zip(in_group, expected):
+                start, end = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+                length = int(batch.seq_lengths[i])
+                assert length == len(tokens) and (end - start) % pad == 0 and end - start - length < pad
+                assert batch.tokens[start:start + length].tolist() == tokens.tolist()
+                assert (batch.tokens[start + length:end] == pad_id).all()
+                assert batch.labels[start:start + length - 1].tolist() == tokens[1:].tolist()
+                assert (batch.labels[start + length - 1:end] == 0).all()
+                assert batch.loss_mask[start:end].tolist() == \
+                    mask[1:].astype(float).tolist() + [0.0] * (end - start - length + 1)
+                assert batch.target_mask[start:end].tolist() == \
+                    [1.0] * (length - 1) + [0.0] * (end - start - length + 1)
+                assert batch.position_ids[start:end].tolist() == list(range(end - start))
+            seen.append(sample)
+        assert batch.max_seqlen == int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    assert seen == indices  # every group exactly once, in the order given
+
+
+def test_loss_mask_sums_to_the_response_tokens(dataset):
+    """The masked sum of per-token log-probs is logp(y|x): one target per response token."""
+    batch = pack_groups([dataset.get_group(i, ALL_ROLES) for i in (0, 24)], ALL_ROLES, 4, 0)
+    for s in range(batch.num_sequences):
+        start, end = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+        group = dataset.get_group(int(batch.sample_indices[int(batch.group_index[s])]), ALL_ROLES)
+        role = Role.from_index(int(batch.roles[s]))
+        masks = [m for _, m in group.sequences[role]]
+        turn = [int(x) for x in (batch.roles[:s] == batch.roles[s]).nonzero()[:, 0]
+                if int(batch.group_index[x]) == int(batch.group_index[s])]
+        # a response never starts at a sequence's first token, so every response token is a target
+        assert batch.loss_mask[start:end].sum() == masks[len(turn)].sum()
+    # multi-turn record m0: 3 short sequences per short role, one long sequence per long role
+    g = 1
+    tags = batch.roles[batch.group_index == g].tolist()
+    assert tags == [0, 0, 0, 1, 1, 1, 2, 3]
+
+
+def test_group_sizes_and_greedy_plan(dataset):
+    group = dataset.get_group(0, SOLOPO_ROLES)
+    lengths = [len(t) for role in SOLOPO_ROLES for t, _ in group.sequences[role]]
+    assert group_num_tokens(group, SOLOPO_ROLES, 8) == sum(-(-n // 8) * 8 for n in lengths)
+    assert dataset.sequence_lengths(0, SOLOPO_ROLES) == lengths
+    assert plan_micro_batches([300, 400, 400, 100], 800) == [[0, 1], [2, 3]]
+    assert plan_micro_batches([800, 1, 799], 800) == [[0], [1, 2]]
+
+
+def test_group_over_budget_names_the_record_and_its_size():
+    with pytest.raises(ValueError, match=r"record 'big' needs 1200 tokens \(padding included\), more "
+                                         "than the micro-batch budget "
+                                         "data.max_tokens_per_micro_batch=1000"):
+        plan_micro_batches([300, 1200], 1000, ["small", "big"])
+
+
+def test_build_micro_batches_refuses_a_group_over_budget(dataset):
+    size = group_num_tokens(dataset.get_group(3, SOLOPO_ROLES), SOLOPO_ROLES, 2)
+    with pytest.raises(ValueError, match=f"record '{dataset.record_id(3)}' needs {size} tokens"):
+        build_micro_batches(dataset, [3], SOLOPO_ROLES, size - 1, 2, 0)
+
+
+def test_pack_groups_errors():
+    group = PreferenceGroup(0, "r0", {Role.SHORT_CHOSEN: [(np.array([5, 6, 7], dtype=np.int32),
+                                                           np.array([0, 1, 1], dtype=bool))]})
+    with pytest.raises(ValueError, match="at least one group"):
+        pack_groups([], [Role.SHORT_CHOSEN], 2, 0)
+    with pytest.raises(ValueError, match="record 'r0': no long/chosen sequence"):
+        pack_groups([group], [Role.LONG_CHOSEN], 2, 0)
+    batch = pack_groups([group], [Role.SHORT_CHOSEN], 4, 9)
+    batch.validate(4)
+    assert batch.tokens.tolist() == [5, 6, 7, 9] and batch.labels.tolist() == [6, 7, 0, 0]
+    assert batch.loss_mask.tolist() == [1, 1, 0, 0] and batch.target_mask.tolist() == [1, 1, 0, 0]
+    assert batch.cu_seqlens.tolist() == [0, 4] and batch.max_seqlen == 4
