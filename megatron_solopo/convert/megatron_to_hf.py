@@ -6,8 +6,8 @@ The checkpoint is read one canonical key at a time (a request for the whole tens
 whatever layout wrote it; optimizer state is never read) and written out shard by shard, so peak
 memory is the largest key (SwiGLU fc1 of all layers, ~45% of a Llama model) plus one output shard.
 Files therefore hold tensors key by key (all layers' q/k/v, then all o_proj, ...); the index maps
-every name to its file, which is all loaders use. The vocabulary is unpadded; tensors keep the checkpoint's dtype unless
-``dtype`` asks for another.
+every name to its file, which is all loaders use. The vocabulary is unpadded; tensors keep the
+checkpoint's dtype unless ``dtype`` asks for another.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -130,10 +130,9 @@ def load_whole(directory: Path, key: str, saved: dict) -> torch.Tensor:
 
 
 def check_checkpoint_matches(entries: list[CanonicalTensor], saved: dict, num_layers: int,
-                             directory: Path) -> Optional[int]:
+                             directory: Path) -> None:
     """ValueError unless the checkpoint holds every canonical key with the model's shape
-    (vocabulary rows aside); returns the checkpoint's padded vocabulary size."""
-    padded_rows = None
+    (vocabulary rows: whatever padding it was saved with)."""
     for entry in entries:
         if entry.key not in saved:
             raise ValueError(f"{directory}: weight {entry.key!r} is missing; the checkpoint does not "
@@ -141,9 +140,7 @@ def check_checkpoint_matches(entries: list[CanonicalTensor], saved: dict, num_la
         shape = tuple(saved[entry.key].global_shape)
         expected = ((num_layers,) if entry.layer is not None else ()) + tuple(entry.shape)
         if entry.key in VOCAB_KEYS:
-            padded_rows = shape[0]
             expected = (shape[0],) + expected[1:]
         if shape != expected:
             raise ValueError(f"{directory}: weight {entry.key!r} has shape {shape}, the "
                              f"run_config.yaml model section implies {expected}")
-    return padded_rows

@@ -50,7 +50,7 @@ def make_tiny_hf_checkpoint(directory: Union[str, Path], variant: str = "llama_g
     directory = Path(directory)
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     if tokenizer:
-        from megatron_solopo.data.synthetic import make_hf_tokenizer
+        from megatron_solopo.data.tiny_tokenizers import make_hf_tokenizer
 
         make_hf_tokenizer(str(directory), vocab_size=config.vocab_size)
     return directory

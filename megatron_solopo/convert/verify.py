@@ -66,13 +66,13 @@ def pack_sequences(sequences: Sequence[Sequence[int]], pad_multiple: int = 1):
         seq_lengths=torch.tensor(lengths, dtype=torch.int32),
         roles=torch.full((count,), Role.SHORT_CHOSEN.index), group_index=torch.arange(count),
         sample_indices=torch.arange(count), sample_ids=[f"seq-{i}" for i in range(count)],
-        max_seqlen=max(b - a for a, b in zip(cu[:-1], cu[1:])))
+        max_seqlen=max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True)))
 
 
 def split_packed(values: torch.Tensor, batch) -> list[torch.Tensor]:
     """Per-sequence log-probs of the real targets (``[length - 1]`` each) from a packed ``[T]``."""
     return [values[start:start + length - 1]
-            for start, length in zip(batch.cu_seqlens[:-1].tolist(), batch.seq_lengths.tolist())]
+            for start, length in zip(batch.cu_seqlens[:-1].tolist(), batch.seq_lengths.tolist(), strict=True)]
 
 
 def hf_logprobs(hf_dir: str, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -143,7 +143,7 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer_dir: Optional[str], vocab
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         sequences = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-        too_short = [p for p, ids in zip(prompts, sequences) if len(ids) < 2]
+        too_short = [p for p, ids in zip(prompts, sequences, strict=True) if len(ids) < 2]
         if too_short:
             raise ValueError(f"prompts shorter than two tokens: {too_short}")
         return sequences

@@ -9,7 +9,8 @@ global tensor), or a whole non-layer tensor. ``L``: layers, ``H``: hidden size, 
 |---------------------------------------------------------------|-------------------------------------|
 | embedding.word_embeddings.weight ``[Vp, H]``                  | model.embed_tokens.weight ``[V, H]``|
 | decoder.layers.self_attention.linear_qkv.layer_norm_weight    | model.layers.i.input_layernorm.weight |
-| decoder.layers.self_attention.linear_qkv.weight ``[(nq+2ng)d, H]`` (.bias: Qwen2) | self_attn.{q,k,v}_proj, grouped (below) |
+| decoder.layers.self_attention.linear_qkv.weight ``[(nq+2ng)d, H]`` | self_attn.{q,k,v}_proj, grouped |
+| decoder.layers.self_attention.linear_qkv.bias (Qwen2)         | self_attn.{q,k,v}_proj.bias, grouped |
 | decoder.layers.self_attention.linear_proj.weight ``[H, nq*d]`` | self_attn.o_proj.weight            |
 | decoder.layers.mlp.linear_fc1.layer_norm_weight               | post_attention_layernorm.weight     |
 | decoder.layers.mlp.linear_fc1.weight ``[2F, H]``              | [mlp.gate_proj; mlp.up_proj]        |
@@ -203,7 +204,8 @@ def from_canonical(entry: CanonicalTensor, tensor: Tensor, model) -> list[tuple[
     if entry.key in ONE_TO_ONE:
         return [(names[0], tensor)]
     if entry.key in QKV_SOURCES:
-        return list(zip(names, split_qkv(tensor, model.num_attention_heads, model.num_query_groups)))
+        parts = split_qkv(tensor, model.num_attention_heads, model.num_query_groups)
+        return list(zip(names, parts, strict=True))
     if entry.key == FC1:
         gate, up = tensor.chunk(2)
         return [(names[0], gate.contiguous()), (names[1], up.contiguous())]

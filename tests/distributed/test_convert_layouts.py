@@ -4,7 +4,6 @@ would (iteration directory, optimizer state, layout-specific shards), megatron-t
 back every original tensor bit for bit, with or without the original config.json."""
 
 import pytest
-import torch
 
 from megatron_solopo.convert import hf_to_megatron, megatron_to_hf, verify
 from megatron_solopo.convert.tiny import make_tiny_hf_checkpoint
