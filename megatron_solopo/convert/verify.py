@@ -108,10 +108,6 @@ def megatron_logprobs(megatron_dir: str, sequences: Sequence[Sequence[int]]) -> 
         padded = model_config.padded_vocab_size(1)
         config = build_transformer_config(model_config, ParallelConfig(), perform_initialization=False)
         (model,) = build_model(model_config, config, padded_vocab_size=padded)
-        if torch.cuda.is_available():
-            # build_model leaves the local spec's torch norms on the CPU (Megatron-LM moves the
-            # whole model with .cuda() after building it).
-            model.cuda(torch.cuda.current_device())
         ckpt.load_checkpoint(megatron_dir, [model], padded_vocab_size=padded)
         device = next(model.parameters()).device
         batch = pack_sequences(sequences)

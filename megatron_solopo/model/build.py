@@ -129,5 +129,10 @@ def build_model(
         if scaling_type == "llama3" and hasattr(gpt, "rotary_pos_emb"):
             rotary = gpt.rotary_pos_emb
             rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
+        if torch.cuda.is_available():
+            # Megatron-Core creates most parameters on the current device, but modules built from
+            # plain torch layers (the local spec's norms, our core attention) stay on the CPU:
+            # move the whole chunk, as Megatron-LM's get_model does.
+            gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
     return chunks

@@ -38,6 +38,17 @@ RELEASE = "release"
 CHECKPOINT_FORMAT_VERSION = 1
 
 
+class _DropSyncSaveNotice(logging.Filter):
+    """megatron-core 0.19's torch_dist *synchronous* save goes through its deprecated async path
+    and logs "MCore's async save is deprecated ...": misleading, as we never save asynchronously."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "async save is deprecated" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropSyncSaveNotice())
+
+
 def checkpoint_dir(root: Union[str, Path], iteration: Union[int, str]) -> Path:
     name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
     return Path(root) / name
@@ -52,6 +63,11 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _displaced(directory: Path) -> Path:
+    """Where an existing checkpoint directory waits while a new save of its iteration lands."""
+    return directory.with_name(f".old-{directory.name}")
 
 
 def read_tracker(root: Union[str, Path]) -> Optional[Union[int, str]]:
@@ -77,6 +93,10 @@ def resolve_checkpoint(path: Union[str, Path]) -> Optional[Path]:
     if iteration is None:
         return None
     resolved = checkpoint_dir(path, iteration)
+    if not (resolved / "metadata.json").exists() and (_displaced(resolved) / "metadata.json").exists():
+        # A save of the same iteration was killed between its two renames.
+        logger.warning("%s is missing; loading the previous copy %s", resolved, _displaced(resolved))
+        return _displaced(resolved)
     if not (resolved / "metadata.json").exists():
         raise ValueError(f"{path / TRACKER_FILE} points to {resolved.name}, which is missing or "
                          f"incomplete")
@@ -141,10 +161,16 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         atomic_write_text(tmp / RUN_CONFIG_FILE, yaml.safe_dump(run_config, sort_keys=False))
+        previous = _displaced(final)
         if final.exists():
-            shutil.rmtree(final)
+            # Re-saving an iteration that exists (a run resumed at its last iteration): keep the
+            # old copy under a hidden name until the new one is in place, so no instant exists
+            # at which the tracker points to nothing loadable (resolve_checkpoint falls back).
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
         os.replace(tmp, final)
         atomic_write_text(root / TRACKER_FILE, f"{iteration}\n")
+        shutil.rmtree(previous, ignore_errors=True)
     _barrier()
     return final
 

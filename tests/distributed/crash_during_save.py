@@ -1,15 +1,17 @@
 """Run as a script: save iteration 1, then die by SIGKILL in the middle of saving iteration 2
-(after its shards are written, before the directory is renamed into place). Used by
-test_checkpoint_crash.py; argument: the save directory."""
+(or of saving iteration 1 again, with ``resave``) when ``os.replace`` targets the name
+``kill_at``. Used by test_checkpoint_crash.py; arguments: the save directory, ``kill_at``,
+optionally ``resave``."""
 
 import os
 import signal
 import sys
+from pathlib import Path
 
 import megatron_solopo  # noqa: F401
 
 
-def main(root: str, kill_at: str) -> None:
+def main(root: str, kill_at: str, resave: bool = False) -> None:
     import torch
 
     from megatron_solopo.model.build import build_model
@@ -32,13 +34,14 @@ def main(root: str, kill_at: str) -> None:
     real_replace = os.replace
 
     def dying_replace(source, target):
-        if kill_at in str(target):
+        if Path(target).name == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_replace(source, target)
 
     ckpt.os.replace = dying_replace
-    ckpt.save_checkpoint(root, 2, [chunk], run_config, common={"iteration": 2})
+    iteration = 1 if resave else 2
+    ckpt.save_checkpoint(root, iteration, [chunk], run_config, common={"iteration": iteration})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], resave=sys.argv[3:] == ["resave"])
