@@ -6,4 +6,20 @@ from megatron_solopo.parallel.cpu_compat import install_triton_stub as _install_
 # is registered only when triton is missing, so `import megatron.core` works after this package.
 _install_triton_stub()
 
+
+def _quiet_cpu_notices() -> None:
+    """Without CUDA, megatron-core warns on import that TE/apex are missing and it falls back to
+    local implementations: always true on CPU, so the notice is dropped there (kept on GPUs,
+    where it means a slower fallback)."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", message="Apex is not installed")
+
+
+_quiet_cpu_notices()
+
 __version__ = "0.1.0"

@@ -221,6 +221,14 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
+    if annotation is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        # "4e7" (a string to YAML 1.1) or 4.0e7 for an integer field: fine when integral.
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ValueError(f"{where}={value!r} should be of type {annotation.__name__}")
@@ -352,11 +360,24 @@ def _check_megatron_fields(section: str, values: dict) -> None:
         from megatron.core.optimizer import OptimizerConfig as cls
     else:
         from megatron.core.distributed import DistributedDataParallelConfig as cls
+    values.update(coerce_megatron_fields(section, values, cls))
+
+
+def coerce_megatron_fields(where: str, values: dict, cls: type) -> dict:
+    """``values`` checked against the fields of Megatron-Core dataclass ``cls``: unknown names
+    are refused by name, and values are coerced to the declared scalar types the way our own
+    sections are (``lr: 1e-3`` is a string to YAML 1.1, and to a command-line override)."""
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ValueError(f"unknown {section} field(s) {unknown}: the {section} section takes "
+        raise ValueError(f"unknown {where} field(s) {unknown}: the {where} section takes "
                          f"Megatron-Core {cls.__name__} fields")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference megatron does not resolve: check nothing
+        hints = {}
+    return {key: _check_type(f"{where}.{key}", value, hints[key]) if key in hints else value
+            for key, value in values.items()}
 
 
 def resolved_objective(config: JobConfig):

@@ -221,10 +221,8 @@ def build_transformer_config(
         moe_token_dispatcher_type="alltoall",
     )
     fields.update(extra)
-    fields.update(model.transformer_overrides)
-    valid = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(fields) - valid)
-    if unknown:
-        raise ValueError(f"unknown TransformerConfig field(s) {unknown} in "
-                         f"model.transformer_overrides")
+    from megatron_solopo.config import coerce_megatron_fields
+
+    fields.update(coerce_megatron_fields("model.transformer_overrides",
+                                         model.transformer_overrides, TransformerConfig))
     return TransformerConfig(**fields)

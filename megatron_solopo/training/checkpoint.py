@@ -123,6 +123,60 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# The distributed optimizer's checkpoint format. megatron-core 0.19's default
+# ("fully_sharded_model_space") builds flattened ShardedTensors that its own validation then
+# refuses ("ShardedTensor.flattened_range is not supported"); "dp_reshardable" is Megatron-LM's
+# default: every rank writes its own buckets in parallel, no gather. Optimizer state is restored
+# only under the layout that saved it (weights load under any layout).
+DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
+
+
+def _optimizer_metadata(optimizer, given: Optional[dict]) -> Optional[dict]:
+    if given is not None:
+        return given
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if any(isinstance(part, DistributedOptimizer) for part in parts):
+        return {"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_FORMAT}
+    return None
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """A distributed optimizer that has not stepped yet has no Adam state to load into, and with
+    torch's Adam (no TE/apex: CPU) its ``state_dict()`` fails on the missing ``step``. Megatron
+    allocates the state with a zero-gradient step before loading (as its FSDP path does); the
+    step's only effect, weight decay on the main params, is overwritten by the loaded state."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:  # TE/apex Adam: state_dict() copes with no state
+        return
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if isinstance(part, distrib_optimizer.DistributedOptimizer) and inner is not None \
+                and not inner.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without TE/apex (CPU: torch's Adam), the distributed optimizer keeps Adam's iteration count
+    in two places: the param groups' ``step`` (saved and restored by megatron) and a ``step`` tensor
+    per parameter. The dp_reshardable load leaves the per-parameter tensors as the template had
+    them, and megatron's own restore hands every parameter the *same* tensor, which torch's Adam
+    would then increment once per parameter per step. Set each parameter's own ``step`` from its
+    group's, so the bias correction continues where the saved run stopped."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                step = state.get("step") if state else None
+                if isinstance(step, torch.Tensor):
+                    state["step"] = torch.full_like(step, float(group["step"]))
+
+
 def _model_state(model_chunks) -> dict:
     return {f"chunk{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
@@ -153,8 +207,8 @@ def save_checkpoint(
     _barrier()
     state: dict[str, Any] = {"model": _model_state(model_chunks)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=False,
-                                                          metadata=optimizer_metadata)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=False, metadata=_optimizer_metadata(optimizer, optimizer_metadata))
     state["common"] = dict(common or {}, checkpoint_format_version=CHECKPOINT_FORMAT_VERSION,
                            has_optimizer=optimizer is not None)
     dist_checkpointing.save(state, str(tmp))
@@ -237,8 +291,9 @@ def load_checkpoint(
     use_optimizer = (optimizer is not None and load_optimizer and common.get("has_optimizer")
                      and not replaced)
     if use_optimizer:
+        _allocate_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
-            request["model"], is_loading=True, metadata=optimizer_metadata)
+            request["model"], is_loading=True, metadata=_optimizer_metadata(optimizer, optimizer_metadata))
     loaded = dist_checkpointing.load(request, str(directory))
     for chunk_name, name, sharded in replaced:
         rows = resize_vocab_rows(loaded["model"][chunk_name][name], sharded.global_shape[0])
@@ -251,6 +306,10 @@ def load_checkpoint(
         if problems:
             raise ValueError(f"{directory}: weights do not match the model: {sorted(problems)}")
     if use_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # fp32 params: the distributed optimizer's main params are views of the model's (leaf,
+        # requires_grad) params, which megatron copies into in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     iteration = RELEASE if directory.name == RELEASE else int(directory.name.split("_")[-1])
     return LoadedCheckpoint(directory, iteration, run_config, common, bool(use_optimizer))

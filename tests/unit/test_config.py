@@ -41,6 +41,8 @@ def test_defaults_are_solopo_dpo_with_precomputed_reference():
     ({"objective": {"name": "dpo"}, "reference": {"mode": "none"}}, "needs reference log-probs"),
     ({"optimizer": {"learning_rate": 1.0}}, "unknown optimizer field(s) ['learning_rate']"),
     ({"ddp": {"overlap": True}}, "unknown ddp field(s) ['overlap']"),
+    ({"optimizer": {"lr": "fast"}}, "optimizer.lr='fast' should be of type float"),
+    ({"ddp": {"bucket_size": 2.5}}, "ddp.bucket_size=2.5 should be of type int"),
     ({"model": {"family": "gpt2"}}, "model.family='gpt2'"),
     ({"model": {"rope_scaling": {"type": "yarn", "factor": 4}}}, "RoPE scaling type 'yarn' is not supported"),
 ])
@@ -58,6 +60,27 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match="must be section.field"):
         load_config(None, ("train_iters=3",))
+
+
+def test_megatron_sections_are_coerced_like_ours(tmp_path):
+    """optimizer/ddp/transformer_overrides values from YAML or overrides ("1e-3" is a string to
+    YAML 1.1) reach Megatron-Core's dataclasses with their declared types."""
+    from megatron_solopo.model.config import build_transformer_config
+    from megatron_solopo.parallel.layout import ParallelConfig
+    from megatron_solopo.training.optimizer import ddp_config, optimizer_config
+
+    path = write(tmp_path, "optimizer:\n  lr: 1e-3\n  weight_decay: 0\nddp:\n  bucket_size: 4e7\n")
+    config = load_config(path, ("optimizer.min_lr=1e-5", "model.vocab_size=128",
+                                "model.transformer_overrides.attention_dropout=1e-1",
+                                "model.transformer_overrides.recompute_num_layers=1.0"))
+    opt = optimizer_config(config)
+    assert (opt.lr, opt.min_lr, opt.weight_decay) == (1e-3, 1e-5, 0.0)
+    assert isinstance(opt.weight_decay, float)
+    assert ddp_config(config).bucket_size == 40_000_000
+    transformer = build_transformer_config(config.model, ParallelConfig(),
+                                           perform_initialization=False)
+    assert transformer.attention_dropout == 0.1 and transformer.recompute_num_layers == 1
+    assert isinstance(transformer.recompute_num_layers, int)
 
 
 def test_override_creates_nested_sections():
