@@ -3,6 +3,7 @@
 #   make demo   - same install, then the main job (a small SoLoPO run on CPU)
 # Variables: VENV (default .venv), PYTHON (interpreter that creates the venv),
 #            TORCH_SPEC (torch to install where no CUDA torch is present), PYTEST_ARGS.
+# Also: make test-fast (unit tests), make test-slow, make lint, make clean.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ MCORE_SPEC ?= megatron-core==0.19.2
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-slow demo clean
+.PHONY: install test test-fast test-slow lint demo clean
 
 install: $(STAMP)
 
@@ -49,6 +50,10 @@ test-fast: install
 
 test-slow: install
 	$(PY) -m pytest -m slow --run-slow $(PYTEST_ARGS)
+
+# pyflakes-level checks (unused/undefined names, syntax): see [tool.ruff] in pyproject.toml.
+lint: install
+	$(PY) -m ruff check megatron_solopo tools tests benchmarks
 
 demo: install
 	$(PY) -m megatron_solopo.demo

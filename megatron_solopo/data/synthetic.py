@@ -25,7 +25,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 TASKS = ("multidoc_qa", "kv_retrieval", "needle")
 

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_solopo.data.encoding import LengthLimits, encode_record
 from megatron_solopo.data.schema import parse_record
-from megatron_solopo.data.tokenizers import TemplateError, build_tokenizer
+from megatron_solopo.data.tokenizers import build_tokenizer
 from megatron_solopo.roles import ALL_ROLES, Role
 from tests.unit.data_fixtures import HF, SP, multi_turn_record, record, tokenizers  # noqa: F401
 
