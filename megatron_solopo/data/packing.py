@@ -21,11 +21,18 @@ from megatron_solopo.data.dataset import PreferenceGroup
 from megatron_solopo.roles import Role
 
 
+# FP8 GEMMs in Transformer Engine need the token dimension of their input divisible by 8.
+FP8_TOKEN_MULTIPLE = 8
+
+
 def pad_multiple_for(context_parallel_size: int, tensor_model_parallel_size: int,
-                     sequence_parallel: bool) -> int:
+                     sequence_parallel: bool, fp8: bool = False) -> int:
     """Every sequence's padded length is a multiple of this: CP splits a sequence into ``2 * CP``
-    load-balanced chunks, and sequence parallelism splits each CP rank's tokens over TP."""
-    return 2 * context_parallel_size * (tensor_model_parallel_size if sequence_parallel else 1)
+    load-balanced chunks, and sequence parallelism splits each CP rank's tokens over TP. With
+    FP8, each rank's share of every sequence (``L / (CP * TP_sp)`` tokens, cast to FP8 before
+    sequence-parallel all-gathers) is also a multiple of 8, so any packed micro-batch is."""
+    shards = context_parallel_size * (tensor_model_parallel_size if sequence_parallel else 1)
+    return (FP8_TOKEN_MULTIPLE if fp8 else 2) * shards
 
 
 def padded_length(length: int, pad_multiple: int) -> int:

@@ -46,7 +46,8 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None) -> lis
     fingerprint = checkpoint_fingerprint(checkpoint)
     pad_multiple = pad_multiple_for(config.parallel.context_parallel_size,
                                     config.parallel.tensor_model_parallel_size,
-                                    config.parallel.sequence_parallel)
+                                    config.parallel.sequence_parallel,
+                                    fp8=config.precision.fp8 is not None)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     targets = [(config.data.train_prefix, output or config.reference.cache

@@ -94,7 +94,8 @@ class Trainer:
 
         pad_multiple = pad_multiple_for(config.parallel.context_parallel_size,
                                         config.parallel.tensor_model_parallel_size,
-                                        config.parallel.sequence_parallel)
+                                        config.parallel.sequence_parallel,
+                                    fp8=config.precision.fp8 is not None)
         self.pad_multiple = pad_multiple
         self.builder = self._builder(self.train_set, self.objective.policy_roles)
         self.sampler = PreferenceSampler(
