@@ -2,8 +2,8 @@
 
 - ``tests/unit``: single process, fast.
 - ``tests/distributed`` (marker ``distributed``): gloo ranks spawned by the test (tests/harness.py).
-- ``tests/gpu`` (marker ``gpu``): needs CUDA and Transformer Engine; skipped, and reported as
-  skipped, without them.
+- ``tests/gpu`` (marker ``gpu``): needs CUDA (marker ``te`` too: Transformer Engine); skipped, and
+  reported as skipped, without them.
 - marker ``slow``: longer than ~30 s on 2 cores; run with ``--run-slow`` or SOLOPO_RUN_SLOW=1.
 """
 
@@ -21,26 +21,25 @@ def pytest_addoption(parser):
                      help="also run tests marked slow")
 
 
-def _gpu_ready() -> tuple[bool, str]:
+def _skip_reason(item) -> str:
+    """Why a ``gpu``/``te`` test cannot run here ('' if it can)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return False, "needs CUDA"
-    from megatron_solopo.model.build import te_available
+    if ("gpu" in item.keywords or "te" in item.keywords) and not torch.cuda.is_available():
+        return "needs CUDA"
+    if "te" in item.keywords:
+        from megatron_solopo.model.build import te_available
 
-    if not te_available():
-        return False, "needs Transformer Engine"
-    return True, ""
+        if not te_available():
+            return "needs Transformer Engine"
+    return ""
 
 
 def pytest_collection_modifyitems(config, items):
     run_slow = config.getoption("--run-slow") or os.environ.get("SOLOPO_RUN_SLOW") == "1"
-    gpu_ok, gpu_reason = None, ""
     for item in items:
-        if "gpu" in item.keywords:
-            if gpu_ok is None:
-                gpu_ok, gpu_reason = _gpu_ready()
-            if not gpu_ok:
-                item.add_marker(pytest.mark.skip(reason=gpu_reason))
+        reason = _skip_reason(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))

@@ -8,7 +8,7 @@ import torch
 from tests.distributed.common import MIXED_SHAPES, check_layout
 from tests.harness import run_distributed
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.te]
 
 # bf16 compute: log-probs and gradients agree to bf16 accuracy, not fp32's 1e-5.
 BF16_RTOL = 3e-2
