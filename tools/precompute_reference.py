@@ -6,6 +6,10 @@
 Runs the frozen reference model (reference.checkpoint, default checkpoint.load) over the
 training set (and data.valid_prefix) and writes <prefix>.reference.npz beside each dataset, with
 the checkpoint's fingerprint: training refuses a cache computed from another checkpoint or dataset.
+A cache that is already fresh (same checkpoint fingerprint, dataset, roles and model settings,
+every value present) is kept and a line says so, so a requeued job skips the pass; --force
+recomputes it. A run that needs no precomputed reference (reference-free objective, or
+reference.mode=live) prints so and exits 0.
 """
 
 import argparse
@@ -19,14 +23,17 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="the run's YAML config")
     parser.add_argument("--output", default=None,
                         help="cache path for the training set (default <train_prefix>.reference.npz)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even a cache that is fresh (by default it is kept)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_args(argv)
+    # intermixed: overrides may come before or after --output/--force
+    args = parser.parse_intermixed_args(argv)
     from megatron_solopo.parallel.distributed import destroy_distributed
     from megatron_solopo.training.precompute import precompute_reference
 
     try:
         config = load_config(args.config, tuple(args.overrides))
-        precompute_reference(config, args.output)
+        precompute_reference(config, args.output, force=args.force)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

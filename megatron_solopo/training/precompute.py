@@ -4,25 +4,99 @@
 (``reference.checkpoint``, default ``checkpoint.load``, with ``reference.model_overrides``) over
 every record of the training set (and the validation set, if any) for the objective's reference
 roles, and writes ``<prefix>.reference.npz`` beside each dataset.
+
+A target whose cache is already fresh is skipped (a requeued job does not redo the pass): fresh
+means that training would accept it (same reference checkpoint fingerprint, same dataset, every
+role the objective needs: :meth:`ReferenceCache.check`), that it holds a value for every record
+and needed role, and that it was computed with the same model settings (e.g. LongPO's
+``rotary_base`` override). Global rank 0 decides and broadcasts, so every rank takes the same
+branch. ``force=True`` (``--force``) recomputes anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
+import numpy as np
 import torch.distributed as dist
 
-from megatron_solopo.config import JobConfig, resolved_objective
+from megatron_solopo.config import JobConfig, reference_mode, resolved_objective
+
+PREFIX = "[megatron-solopo]"
+
+# Model fields that do not change what the frozen model computes (or are training-only knobs):
+# ignored when deciding whether a cache was computed with the same model.
+_MODEL_FIELDS_IGNORED = ("transformer_overrides", "attention_backend", "init_method_std",
+                         "make_vocab_size_divisible_by")
 
 
-def precompute_reference(config: JobConfig, output: Optional[str] = None) -> list[str]:
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] if len(text) > 12 else text
+
+
+def cache_staleness(path: str, *, fingerprint: str, dataset, roles: Sequence, model: Optional[dict]
+                    = None) -> Optional[str]:
+    """None when the cache at ``path`` can be reused as it is, else why it must be (re)computed.
+
+    ``dataset`` is a PreferenceDataset, ``roles`` the objective's reference roles, ``model`` the
+    reference model's ``dataclasses.asdict(ModelConfig)`` (None: not compared)."""
+    from megatron_solopo.roles import ALL_ROLES
+    from megatron_solopo.training.reference import ReferenceCache
+
+    if not Path(path).exists():
+        return "no cache yet"
+    try:
+        cache = ReferenceCache.load(path)
+    except Exception as err:  # truncated or foreign file: recompute it
+        return f"cannot read it ({type(err).__name__}: {err})"
+    meta = cache.metadata
+    if meta.get("checkpoint_fingerprint") != fingerprint:
+        return (f"computed from another checkpoint ({meta.get('checkpoint')}, fingerprint "
+                f"{_short(meta.get('checkpoint_fingerprint'))}; now {_short(fingerprint)})")
+    for key in ("source_hash", "num_records", "tokenizer"):
+        if key in meta.get("dataset", {}) and meta["dataset"][key] != dataset.metadata.get(key):
+            return (f"computed on another dataset ({key}: {meta['dataset'][key]!r} vs "
+                    f"{dataset.metadata.get(key)!r})")
+    missing = [role.value for role in roles if role.value not in meta.get("roles", [])]
+    if missing:
+        return f"partial: lacks role(s) {missing} (it has {meta.get('roles')})"
+    if cache.logps.shape != (len(dataset), len(ALL_ROLES)) or len(cache.record_ids) != len(dataset):
+        return f"partial: {len(cache.record_ids)} records, the dataset has {len(dataset)}"
+    if [str(r) for r in cache.record_ids] != [dataset.record_id(i) for i in range(len(dataset))]:
+        return "computed on another dataset (record ids differ)"
+    for role in roles:
+        absent = int(np.isnan(cache.logps[:, role.index]).sum())
+        if absent:
+            return f"partial: no {role.value} value for {absent} record(s)"
+    if model is not None and isinstance(meta.get("model"), dict):
+        current = json.loads(json.dumps(model, default=str))
+        changed = [f"{key}: {meta['model'][key]!r} -> {current[key]!r}"
+                   for key in sorted(set(current) & set(meta["model"]))
+                   if key not in _MODEL_FIELDS_IGNORED and meta["model"][key] != current[key]]
+        if changed:
+            return f"computed with other model settings ({'; '.join(changed)})"
+    try:  # what training will check: a cache that passes above must pass there too
+        cache.check(fingerprint=fingerprint, dataset_metadata=dataset.metadata, roles=roles,
+                    path=path)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def precompute_reference(config: JobConfig, output: Optional[str] = None,
+                         force: bool = False) -> list[str]:
+    """Compute (or keep, when fresh and not ``force``) the reference caches of the training and
+    validation sets; returns their paths (empty when the run needs no precomputed reference)."""
     from megatron.core import parallel_state
 
     from megatron_solopo.data.dataset import PreferenceDataset
     from megatron_solopo.data.packing import pad_multiple_for
-    from megatron_solopo.parallel.distributed import initialize_distributed
+    from megatron_solopo.parallel.distributed import detect_distributed_env, initialize_distributed
     from megatron_solopo.training.batches import MicroBatchBuilder
     from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
     from megatron_solopo.training.reference import (ReferenceCache, build_frozen_model,
@@ -31,6 +105,15 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None) -> lis
                                                     gather_values)
 
     objective = resolved_objective(config)
+    mode = reference_mode(config)
+    if mode in ("none", "live"):
+        rank = dist.get_rank() if dist.is_initialized() else detect_distributed_env().rank
+        if rank == 0:
+            why = ("the objective is reference-free" if mode == "none" else
+                   "the trainer computes reference log-probs itself")
+            print(f"{PREFIX} nothing to precompute: reference.mode={mode} ({objective.name}; "
+                  f"{why})", flush=True)
+        return []
     if not objective.needs_reference:
         raise ValueError(f"objective {objective.name!r} is reference-free: nothing to precompute")
     checkpoint = config.reference.checkpoint or config.checkpoint.load
@@ -40,31 +123,60 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None) -> lis
     model_config = resolve_model_config(config, starting_run_config(checkpoint), train_set)
     model_config = dataclasses.replace(model_config, **config.reference.model_overrides)
     initialize_distributed(config.parallel, model=model_config, seed=config.training.seed)
+    roles = objective.reference_roles
+    targets = [(config.data.train_prefix, output or config.reference.cache
+                or default_cache_path(config.data.train_prefix))]
+    if config.data.valid_prefix:
+        targets.append((config.data.valid_prefix, default_cache_path(config.data.valid_prefix)))
+    datasets = {prefix: train_set if prefix == config.data.train_prefix else PreferenceDataset(prefix)
+                for prefix, _ in targets}
+
+    # Global rank 0 fingerprints the checkpoint and decides for every target; all ranks follow.
+    decision = [None, None]
+    if dist.get_rank() == 0:
+        fingerprint = checkpoint_fingerprint(checkpoint)
+        model_dict = dataclasses.asdict(model_config)
+        reasons = [("--force" if force else
+                    cache_staleness(path, fingerprint=fingerprint, dataset=datasets[prefix],
+                                    roles=roles, model=model_dict))
+                   for prefix, path in targets]
+        decision = [fingerprint, reasons]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    fingerprint, reasons = decision
+    if dist.get_rank() == 0:
+        for (prefix, path), reason in zip(targets, reasons):
+            if reason is None:
+                print(f"{PREFIX} reference log-probs {path}: fresh (checkpoint fingerprint "
+                      f"{fingerprint[:12]}, dataset {prefix}, roles "
+                      f"{', '.join(r.value for r in roles)}), skipped; --force recomputes",
+                      flush=True)
+            else:
+                print(f"{PREFIX} reference log-probs {path}: computing ({reason})", flush=True)
+    stale = [(prefix, path) for (prefix, path), reason in zip(targets, reasons) if reason is not None]
+    written = [path for (prefix, path), reason in zip(targets, reasons) if reason is None]
+    if not stale:
+        return written
+
     padded_vocab = model_config.padded_vocab_size(config.parallel.tensor_model_parallel_size)
     model = build_frozen_model(model_config, config.parallel, config.precision,
                                checkpoint=checkpoint, padded_vocab_size=padded_vocab)
-    fingerprint = checkpoint_fingerprint(checkpoint)
     pad_multiple = pad_multiple_for(config.parallel.context_parallel_size,
                                     config.parallel.tensor_model_parallel_size,
                                     config.parallel.sequence_parallel,
                                     fp8=config.precision.fp8 is not None)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    targets = [(config.data.train_prefix, output or config.reference.cache
-                or default_cache_path(config.data.train_prefix))]
-    if config.data.valid_prefix:
-        targets.append((config.data.valid_prefix, default_cache_path(config.data.valid_prefix)))
-    written = []
-    for prefix, path in targets:
-        dataset = train_set if prefix == config.data.train_prefix else PreferenceDataset(prefix)
-        builder = MicroBatchBuilder(dataset, objective.reference_roles,
+    for prefix, path in stale:
+        dataset = datasets[prefix]
+        builder = MicroBatchBuilder(dataset, roles,
                                     token_budget=config.data.max_tokens_per_micro_batch,
                                     pad_multiple=pad_multiple,
                                     pad_token_id=int(dataset.metadata["pad_id"]),
                                     fixed_length=config.data.fixed_length_micro_batches)
         indices = list(range(dp_rank, len(dataset), dp_size))
         start = time.perf_counter()
-        values = compute_reference_logps(model, builder, indices, objective.reference_roles,
+        values = compute_reference_logps(model, builder, indices, roles,
                                          vocab_size=model_config.vocab_size,
                                          logprob_chunk_size=config.training.logprob_chunk_size)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -76,15 +188,15 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None) -> lis
                 cache = ReferenceCache(dense, [dataset.record_id(i) for i in range(len(dataset))], {
                     "checkpoint": str(checkpoint),
                     "checkpoint_fingerprint": fingerprint,
-                    "roles": [role.value for role in objective.reference_roles],
+                    "roles": [role.value for role in roles],
                     "objective": config.objective,
                     "model": dataclasses.asdict(model_config),
                     "dataset": {key: dataset.metadata.get(key)
                                 for key in ("source_hash", "num_records", "tokenizer")},
                 })
                 cache.save(path)
-                print(f"[megatron-solopo] reference log-probs for {len(dataset)} records "
-                      f"({', '.join(r.value for r in objective.reference_roles)}) -> {path} in "
+                print(f"{PREFIX} reference log-probs for {len(dataset)} records "
+                      f"({', '.join(r.value for r in roles)}) -> {path} in "
                       f"{time.perf_counter() - start:.1f} s", flush=True)
         written.append(path)
         if dist.is_initialized():
