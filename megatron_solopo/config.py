@@ -323,11 +323,21 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> JobConf
         raise ValueError(f"{path or 'config'}: {err}") from None
 
 
+def warmup_iters(config: JobConfig) -> int:
+    """Warm-up steps: ``lr_warmup_fraction`` of the decay steps when set, else ``lr_warmup_iters``."""
+    schedule = config.scheduler
+    decay = schedule.lr_decay_iters or config.training.train_iters
+    if schedule.lr_warmup_fraction is not None:
+        return int(round(schedule.lr_warmup_fraction * decay))
+    return schedule.lr_warmup_iters
+
+
 def validate_config(config: JobConfig) -> None:
     """Cross-section checks; field-level checks live in each dataclass."""
     from megatron_solopo.objectives import build_objective
 
     training, data = config.training, config.data
+    _check_reference_overrides(config.reference.model_overrides)
     if training.train_iters < 1:
         raise ValueError(f"training.train_iters must be >= 1, got {training.train_iters}")
     if training.global_batch_size < 1:
@@ -338,6 +348,11 @@ def validate_config(config: JobConfig) -> None:
         raise ValueError("logging.log_interval must be >= 1")
     if config.scheduler.lr_warmup_fraction is not None and not 0 <= config.scheduler.lr_warmup_fraction <= 1:
         raise ValueError("scheduler.lr_warmup_fraction must be in [0, 1]")
+    decay = config.scheduler.lr_decay_iters or training.train_iters
+    warmup = warmup_iters(config)
+    if warmup >= decay:
+        raise ValueError(f"scheduler warm-up ({warmup} steps) must be shorter than the decay "
+                         f"({decay} steps: scheduler.lr_decay_iters, default training.train_iters)")
     if "name" not in config.objective:
         raise ValueError("objective.name is required (e.g. solopo, longpo, dpo)")
     objective_args = {k: v for k, v in config.objective.items() if k != "name"}
@@ -353,6 +368,27 @@ def validate_config(config: JobConfig) -> None:
         if not torch.cuda.is_available():
             raise ValueError("the interleaved pipeline schedule on CPU (gloo) needs "
                              "data.fixed_length_micro_batches=true")
+
+
+def _check_reference_overrides(values: dict) -> None:
+    """``reference.model_overrides``: ModelConfig fields (checked like the model section) that do
+    not change the weights' shapes (the reference loads the same checkpoint)."""
+    from megatron_solopo.model.config import ModelConfig
+    from megatron_solopo.training.model_setup import SHAPE_FIELDS
+
+    if not isinstance(values, dict):
+        raise ValueError(f"reference.model_overrides should be a mapping, got {values!r}")
+    hints = typing.get_type_hints(ModelConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(f'reference.model_overrides.{u}' for u in unknown)}"
+                         f"; valid: model fields ({', '.join(sorted(hints))})")
+    shaped = sorted(set(values) & set(SHAPE_FIELDS))
+    if shaped:
+        raise ValueError(f"reference.model_overrides cannot change {shaped}: the reference loads "
+                         f"the same weights (override e.g. rotary_base or rope_scaling)")
+    for key, value in values.items():
+        values[key] = _check_type(f"reference.model_overrides.{key}", value, hints[key])
 
 
 def _check_megatron_fields(section: str, values: dict) -> None:

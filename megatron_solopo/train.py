@@ -25,7 +25,8 @@ def parse_args(argv=None):
                         help="with --dry-run: the world size to check (default: WORLD_SIZE or "
                              "SLURM_NTASKS or 1)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
-    return parser.parse_args(argv)
+    # intermixed: dotted overrides may come before or after --dry-run/--world-size
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

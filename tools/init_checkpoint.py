@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from megatron_solopo.parallel.distributed import destroy_distributed
     from megatron_solopo.training.model_setup import write_initial_checkpoint
 

@@ -135,6 +135,17 @@ class PreferenceDataset:
         lengths = self.tokens.sequence_lengths
         return [int(lengths[p]) for p in range(start, end) if int(self.sequence_roles[p]) in wanted]
 
+    def group_sizes(self, roles: Sequence[Role], pad_multiple: int) -> np.ndarray:
+        """Every record's packed size for ``roles``: the sum of its sequences' lengths, each
+        padded to ``pad_multiple`` (as packing.pack_groups pads them), from the index alone."""
+        lengths = np.asarray(self.tokens.sequence_lengths, dtype=np.int64)
+        padded = -(-lengths // pad_multiple) * pad_multiple
+        wanted = np.isin(self.sequence_roles, [role.index for role in roles])
+        per_sequence = np.where(wanted, padded, 0)
+        starts = self.document_indices[:-1]
+        sums = np.add.reduceat(per_sequence, starts) if len(per_sequence) else np.zeros(0, np.int64)
+        return np.where(self.document_indices[1:] > starts, sums, 0)
+
     # -- checks done once when training starts ----------------------------------------------------
     def check_roles(self, roles: Sequence[Role]) -> None:
         """Every record must have every role the objective needs."""

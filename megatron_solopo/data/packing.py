@@ -126,13 +126,29 @@ def pack_groups(groups: Sequence[PreferenceGroup], roles: Sequence[Role], pad_mu
     )
 
 
+def split_to_at_least(plan: list[list[int]], count: int) -> list[list[int]]:
+    """``plan`` with its largest micro-batches (by group count) halved until it has ``count``
+    micro-batches, or every micro-batch holds one group. Order is kept; budgets still hold."""
+    plan = [list(members) for members in plan]
+    while len(plan) < count:
+        widest = max(range(len(plan)), key=lambda i: len(plan[i]))
+        members = plan[widest]
+        if len(members) < 2:
+            break
+        half = len(members) // 2
+        plan[widest:widest + 1] = [members[:half], members[half:]]
+    return plan
+
+
 def build_micro_batches(dataset, indices: Sequence[int], roles: Sequence[Role],
                         token_budget: int, pad_multiple: int,
-                        pad_token_id: int) -> list[PackedMicroBatch]:
+                        pad_token_id: int, min_micro_batches: int = 1) -> list[PackedMicroBatch]:
     """The records ``indices`` of ``dataset`` (in this order) as packed micro-batches of whole
-    groups, each at most ``token_budget`` tokens."""
+    groups, each at most ``token_budget`` tokens, and at least ``min_micro_batches`` of them when
+    there are that many groups (the interleaved pipeline schedule needs >= PP)."""
     groups = [dataset.get_group(index, roles) for index in indices]
     sizes = [group_num_tokens(group, roles, pad_multiple) for group in groups]
     plan = plan_micro_batches(sizes, token_budget, [group.record_id for group in groups])
+    plan = split_to_at_least(plan, min_micro_batches)
     return [pack_groups([groups[i] for i in members], roles, pad_multiple, pad_token_id)
             for members in plan]

@@ -81,8 +81,9 @@ def validate_parallel_layout(
                         ("context_parallel_size", cp)):
         if value < 1:
             problems.append(f"{name} must be >= 1, got {value}")
-    if vpp is not None and vpp < 1:
-        problems.append(f"virtual_pipeline_model_parallel_size must be >= 1 or unset, got {vpp}")
+    if vpp is not None and vpp < 2:
+        problems.append(f"virtual_pipeline_model_parallel_size must be >= 2 (the interleaved "
+                        f"schedule) or unset (plain 1F1B), got {vpp}")
     if not problems:
         model_parallel = tp * cp * pp
         if world_size % model_parallel != 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,21 +23,56 @@ class StepData:
     num_tokens: int  # real tokens of this rank's micro-batches (throughput)
 
 
+def min_micro_batches(parallel) -> int:
+    """Megatron's interleaved schedule needs at least PP micro-batches per step."""
+    return parallel.pipeline_model_parallel_size if parallel.virtual_pipeline_model_parallel_size else 1
+
+
+def check_groups_per_rank(config, dp_size: int) -> None:
+    """Each data-parallel rank's share of a global batch can make the micro-batches the schedule
+    needs (one group each at least)."""
+    per_rank = config.training.global_batch_size // dp_size
+    needed = min_micro_batches(config.parallel)
+    if per_rank < needed:
+        raise ValueError(f"training.global_batch_size={config.training.global_batch_size} gives "
+                         f"{per_rank} preference group(s) per data-parallel rank (DP={dp_size}), but "
+                         f"the interleaved pipeline schedule needs at least "
+                         f"PP={config.parallel.pipeline_model_parallel_size} micro-batches per step: "
+                         f"raise the global batch size")
+
+
 class MicroBatchBuilder:
     """Packs this data-parallel rank's share of each global batch into micro-batches."""
 
     def __init__(self, dataset, roles: Sequence[Role], *, token_budget: int, pad_multiple: int,
-                 pad_token_id: int, fixed_length: bool):
+                 pad_token_id: int, fixed_length: bool, min_micro_batches: int = 1):
         self.dataset = dataset
         self.roles = tuple(roles)
         self.token_budget = token_budget
         self.pad_multiple = pad_multiple
         self.pad_token_id = pad_token_id
         self.fixed_length = fixed_length
+        self.min_micro_batches = min_micro_batches
         if fixed_length and token_budget % pad_multiple != 0:
             raise ValueError(f"data.max_tokens_per_micro_batch={token_budget} must be a multiple of "
                              f"{pad_multiple} (2*CP, times TP with sequence parallelism) with "
                              f"data.fixed_length_micro_batches")
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        """Every record of the dataset fits one micro-batch: checked once from the index, so an
+        over-long record stops the run at start, not hours into it."""
+        sizes = self.dataset.group_sizes(self.roles, self.pad_multiple)
+        over = np.nonzero(sizes > self.token_budget)[0]
+        if len(over):
+            worst = int(over[np.argmax(sizes[over])])
+            raise ValueError(
+                f"{len(over)} record(s) of {self.dataset.path_prefix} do not fit one micro-batch: "
+                f"the largest, {self.dataset.record_id(worst)!r}, needs {int(sizes[worst])} tokens "
+                f"(roles {', '.join(map(str, self.roles))}, padding included), more than "
+                f"data.max_tokens_per_micro_batch={self.token_budget}; a preference group is never "
+                f"split: raise the budget (with more context parallelism) or re-run "
+                f"tools/preprocess_data.py with --max-long-length/--max-short-length")
 
     def build(self, indices: Sequence[int], num_groups_global: int) -> StepData:
         from megatron_solopo.data.packing import build_micro_batches
@@ -44,7 +80,8 @@ class MicroBatchBuilder:
         batches = build_micro_batches(self.dataset, list(indices), self.roles,
                                       token_budget=self.token_budget,
                                       pad_multiple=self.pad_multiple,
-                                      pad_token_id=self.pad_token_id)
+                                      pad_token_id=self.pad_token_id,
+                                      min_micro_batches=self.min_micro_batches)
         if self.fixed_length:
             batches = [batch.padded_to(self.token_budget) for batch in batches]
         num_tokens = sum(int(batch.seq_lengths.sum()) for batch in batches)

@@ -275,6 +275,7 @@ def load_checkpoint(
     (embedding rows); when the checkpoint was padded for another TP, rows are cut or zero-padded.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     directory = resolve_checkpoint(path)
     if directory is None:
@@ -294,7 +295,11 @@ def load_checkpoint(
         _allocate_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
             request["model"], is_loading=True, metadata=_optimizer_metadata(optimizer, optimizer_metadata))
-    loaded = dist_checkpointing.load(request, str(directory))
+    try:
+        loaded = dist_checkpointing.load(request, str(directory))
+    except CheckpointingException as err:
+        raise ValueError(f"{directory} does not fit the model being loaded (its run_config.yaml "
+                         f"describes what it holds): {err}") from err
     for chunk_name, name, sharded in replaced:
         rows = resize_vocab_rows(loaded["model"][chunk_name][name], sharded.global_shape[0])
         loaded["model"][chunk_name][name] = rows[sharded.global_slice()]

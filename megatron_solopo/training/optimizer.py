@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_solopo.config import JobConfig
+from megatron_solopo.config import JobConfig, warmup_iters
 
 
 def optimizer_config(config: JobConfig):
@@ -36,11 +36,7 @@ def build_optimizer(config: JobConfig, model_chunks: list):
     schedule = config.scheduler
     train_iters = config.training.train_iters
     decay_iters = schedule.lr_decay_iters or train_iters
-    warmup = (int(round(schedule.lr_warmup_fraction * decay_iters))
-              if schedule.lr_warmup_fraction is not None else schedule.lr_warmup_iters)
-    if warmup >= decay_iters:
-        raise ValueError(f"scheduler warm-up ({warmup} steps) must be shorter than the decay "
-                         f"({decay_iters} steps)")
+    warmup = warmup_iters(config)  # < decay_iters: validated with the config
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup > 0 else opt_config.lr,
@@ -53,6 +49,10 @@ def build_optimizer(config: JobConfig, model_chunks: list):
         end_wd=opt_config.weight_decay,
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
+        # On resume the config's schedule wins (the trainer prints what differs from the
+        # checkpoint's); megatron-core's default would silently keep the checkpoint's.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 

@@ -19,7 +19,9 @@ GIB = 1024 ** 3
 
 
 def _world_size(explicit: Optional[int]) -> int:
-    if explicit:
+    if explicit is not None:
+        if explicit < 1:
+            raise ValueError(f"--world-size must be >= 1, got {explicit}")
         return explicit
     for name in ("WORLD_SIZE", "SLURM_NTASKS"):
         if os.environ.get(name):
@@ -28,9 +30,9 @@ def _world_size(explicit: Optional[int]) -> int:
 
 
 def _model_for_plan(config: JobConfig):
-    from megatron_solopo.training.model_setup import merged_model_config, starting_run_config
+    from megatron_solopo.training.model_setup import merged_model_config, starting_checkpoint
 
-    model = merged_model_config(config, starting_run_config(config.checkpoint.load))
+    model = merged_model_config(config, starting_checkpoint(config)[1])
     if model.vocab_size == 0 and config.data.train_prefix:
         import json
 
@@ -71,6 +73,9 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
     if config.training.global_batch_size % dp != 0:
         raise ValueError(f"training.global_batch_size={config.training.global_batch_size} is not "
                          f"divisible by the data-parallel size {dp}")
+    from megatron_solopo.training.batches import check_groups_per_rank
+
+    check_groups_per_rank(config, dp)
     tp, cp, pp = (parallel.tensor_model_parallel_size, parallel.context_parallel_size,
                   parallel.pipeline_model_parallel_size)
     padded_vocab = model.padded_vocab_size(tp)

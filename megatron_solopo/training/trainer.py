@@ -23,9 +23,10 @@ from megatron_solopo.model.config import build_transformer_config
 from megatron_solopo.objectives import ObjectiveInputs, RoleLogps
 from megatron_solopo.training import checkpoint as ckpt
 from megatron_solopo.training import metrics as metrics_lib
-from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
-from megatron_solopo.training.batches import (MicroBatchBuilder, StepData, cycle,
-                                              group_role_values, logprob_positions,
+from megatron_solopo.training.model_setup import resolve_model_config, starting_checkpoint
+from megatron_solopo.training.batches import (MicroBatchBuilder, StepData,
+                                              check_groups_per_rank, cycle, group_role_values,
+                                              logprob_positions, min_micro_batches,
                                               reference_tensor)
 from megatron_solopo.training.optimizer import build_optimizer, current_lr, ddp_config, grads_are_finite
 from megatron_solopo.training.step import forward_backward
@@ -68,18 +69,23 @@ class Trainer:
         from megatron_solopo.training.model_setup import wrap_model
 
         config = self.config
-        self.load_path = self._load_path()
-        self.start_checkpoint = starting_run_config(self.load_path)
+        self.load_path, self.start_checkpoint = starting_checkpoint(config)
         self.train_set = PreferenceDataset(config.data.train_prefix)
+        self.valid_set = PreferenceDataset(config.data.valid_prefix) if config.data.valid_prefix else None
         needed = set(self.objective.policy_roles)
         if self.reference_mode == "live":
             needed |= set(self.objective.reference_roles)
-        self.train_set.check_roles(sorted(needed, key=lambda role: role.index))
-        self.model_config = resolve_model_config(config, self.start_checkpoint, self.train_set)
+        for dataset in (self.train_set, self.valid_set):
+            if dataset is not None:
+                dataset.check_roles(sorted(needed, key=lambda role: role.index))
+        self.model_config = resolve_model_config(
+            config, self.start_checkpoint, self.train_set, start_path=self.load_path,
+            datasets=(self.valid_set,) if self.valid_set is not None else ())
         self.env = initialize_distributed(config.parallel, model=self.model_config,
                                           seed=config.training.seed)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        check_groups_per_rank(config, self.dp_size)
         self.world_size = dist.get_world_size()
         self.is_logging_rank = dist.get_rank() == self.world_size - 1  # last PP stage
         self.padded_vocab_size = self.model_config.padded_vocab_size(
@@ -103,7 +109,6 @@ class Trainer:
             seed=config.training.seed, consumed_samples=self.consumed_samples,
             shuffle=config.data.shuffle)
         self.batches = cycle(self.sampler)
-        self.valid_set = PreferenceDataset(config.data.valid_prefix) if config.data.valid_prefix else None
         self._setup_reference()
         self.run_config = self._run_config()
         self.writers = metrics_lib.MetricWriters(
@@ -123,15 +128,8 @@ class Trainer:
         return MicroBatchBuilder(
             dataset, roles, token_budget=self.config.data.max_tokens_per_micro_batch,
             pad_multiple=self.pad_multiple, pad_token_id=int(dataset.metadata["pad_id"]),
-            fixed_length=self.config.data.fixed_length_micro_batches)
-
-    def _load_path(self) -> Optional[str]:
-        """Resume from ``checkpoint.save`` when it already holds a checkpoint (a requeued or
-        restarted job), else start from ``checkpoint.load``."""
-        save = self.config.checkpoint.save
-        if save and ckpt.resolve_checkpoint(save) is not None:
-            return save
-        return self.config.checkpoint.load
+            fixed_length=self.config.data.fixed_length_micro_batches,
+            min_micro_batches=min_micro_batches(self.config.parallel))
 
     def _load_starting_point(self) -> None:
         config = self.config
@@ -150,11 +148,24 @@ class Trainer:
         self.consumed_samples = int(common["consumed_samples"])
         self.num_skipped = int(common.get("num_skipped", 0))
         self.num_nan = int(common.get("num_nan", 0))
+        self._report_schedule_changes(common["scheduler"])
         self.scheduler.load_state_dict(common["scheduler"])
         if not loaded.loaded_optimizer and dist.get_rank() == 0:
             print("[megatron-solopo] resumed weights, iteration and schedule; optimizer state was "
                   "not restored (parallel layout changed or checkpoint.load_optimizer=false)",
                   flush=True)
+
+    def _report_schedule_changes(self, saved: dict) -> None:
+        """A resumed run follows the config's LR/WD schedule (e.g. a raised train_iters extends
+        the decay); say so when it differs from the schedule the checkpoint was trained with."""
+        current = self.scheduler.state_dict()
+        keys = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
+        changed = [f"{key} {saved[key]} -> {current[key]}" for key in keys
+                   if key in saved and key in current and saved[key] != current[key]]
+        if changed and dist.get_rank() == 0:
+            print(f"[megatron-solopo] the schedule differs from the checkpoint's; following the "
+                  f"config: {', '.join(changed)}", flush=True)
 
     def _same_layout(self) -> bool:
         saved = self.start_checkpoint.get("layout")
@@ -246,13 +257,15 @@ class Trainer:
 
         return loss_fn
 
-    def _live_reference_values(self, indices) -> dict:
+    def _live_reference_values(self, indices, builder=None) -> dict:
         """Reference log-probs of this step's groups from the frozen model (forward only). They
-        exist on the last pipeline stage, which is where the policy's loss is computed too."""
+        exist on the last pipeline stage, which is where the policy's loss is computed too.
+        ``builder``: another dataset's (evaluation); default the training set's."""
         from megatron_solopo.training.reference import compute_reference_logps
 
         return compute_reference_logps(
-            self.reference_model, self.reference_builder, indices, self.objective.reference_roles,
+            self.reference_model, builder or self.reference_builder, indices,
+            self.objective.reference_roles,
             vocab_size=self.model_config.vocab_size,
             logprob_chunk_size=self.config.training.logprob_chunk_size, batch_size=len(indices))
 
@@ -336,10 +349,14 @@ class Trainer:
                                     self.dp_rank, self.dp_size, seed=config.training.seed,
                                     consumed_samples=0, shuffle=False)
         builder = self._builder(self.valid_set, self.objective.policy_roles)
+        reference_builder = (self._builder(self.valid_set, self.objective.reference_roles)
+                             if self.reference_model is not None else None)
         totals: dict = {}
         for index, indices in zip(range(config.training.eval_iters), sampler):
             step = builder.build(indices, config.training.global_batch_size)
             values = self.valid_reference_values
+            if reference_builder is not None:
+                values = self._live_reference_values(indices, reference_builder)
             with torch.no_grad():
                 outputs = forward_backward(
                     self.model, step.micro_batches, self._loss_fn(step.num_groups, values),

@@ -41,6 +41,8 @@ def test_defaults_are_solopo_dpo_with_precomputed_reference():
     ({"objective": {"name": "dpo"}, "reference": {"mode": "none"}}, "needs reference log-probs"),
     ({"optimizer": {"learning_rate": 1.0}}, "unknown optimizer field(s) ['learning_rate']"),
     ({"ddp": {"overlap": True}}, "unknown ddp field(s) ['overlap']"),
+    ({"training": {"train_iters": 2}, "scheduler": {"lr_warmup_iters": 3}},
+     "scheduler warm-up (3 steps) must be shorter than the decay (2 steps"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr='fast' should be of type float"),
     ({"ddp": {"bucket_size": 2.5}}, "ddp.bucket_size=2.5 should be of type int"),
     ({"model": {"family": "gpt2"}}, "model.family='gpt2'"),
@@ -111,15 +113,64 @@ def test_dry_run_rejects_a_bad_layout_before_anything_starts():
         dry_run(config, world_size=3)
 
 
+def fake_checkpoint(root, model: dict):
+    """What the dry-run reads from a starting checkpoint: tracker + run_config.yaml."""
+    import yaml
+
+    from megatron_solopo.training import checkpoint as ckpt
+
+    (root / "release").mkdir(parents=True)
+    (root / ckpt.TRACKER_FILE).write_text("release\n")
+    (root / "release" / "metadata.json").write_text("{}")
+    (root / "release" / ckpt.RUN_CONFIG_FILE).write_text(yaml.safe_dump({"model": model}))
+    return root
+
+
+MISTRAL_7B = dict(family="mistral", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                  num_attention_heads=32, num_query_groups=8, vocab_size=32768)
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in
                                         __import__("pathlib").Path(__file__).resolve().parents[2]
                                         .joinpath("examples").glob("*.yaml")))
-def test_example_configs_load_and_plan(path):
+def test_example_configs_load_and_plan(path, tmp_path):
     # Production examples take the architecture from their (converted) starting checkpoint.
-    architecture = () if "demo" in path else (
-        "model.num_layers=32", "model.hidden_size=4096", "model.ffn_hidden_size=14336",
-        "model.num_attention_heads=32", "model.num_query_groups=8")
-    config = load_config(path, ("model.vocab_size=32000",) + architecture)
+    overrides = ("model.vocab_size=32000",) if "demo" in path else (
+        f"checkpoint.load={fake_checkpoint(tmp_path / 'ckpt', MISTRAL_7B)}",)
+    config = load_config(path, overrides)
     world = (config.parallel.tensor_model_parallel_size * config.parallel.context_parallel_size
              * config.parallel.pipeline_model_parallel_size)
-    assert "total" in dry_run(config, world_size=world)
+    report = dry_run(config, world_size=world)
+    if "demo" not in path:
+        assert "32 layers, hidden 4096" in report
+    assert "total" in report
+
+
+def test_dry_run_refuses_a_missing_starting_checkpoint(tmp_path):
+    """Not a silent plan of the default toy model."""
+    config = load_config(None, (f"checkpoint.load={tmp_path / 'nope'}",))
+    with pytest.raises(ValueError, match="checkpoint.load=.*nope: no checkpoint there"):
+        dry_run(config, world_size=1)
+
+
+def test_model_fields_that_change_shapes_conflict_with_the_checkpoint(tmp_path):
+    root = fake_checkpoint(tmp_path / "ckpt", MISTRAL_7B)
+    report = dry_run(load_config(None, (f"checkpoint.load={root}", "model.rotary_base=1e6")), 8)
+    assert "32 layers" in report  # a RoPE change is fine
+    with pytest.raises(ValueError, match=r"model.num_layers=16 \(checkpoint: 32\)"):
+        dry_run(load_config(None, (f"checkpoint.load={root}", "model.num_layers=16")), 8)
+
+
+def test_layout_and_batch_checks_of_the_interleaved_schedule(tmp_path):
+    root = fake_checkpoint(tmp_path / "ckpt", MISTRAL_7B)
+    base = (f"checkpoint.load={root}", "parallel.pipeline_model_parallel_size=4",
+            "data.fixed_length_micro_batches=true")
+    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size must be >= 2"):
+        dry_run(load_config(None, base + ("parallel.virtual_pipeline_model_parallel_size=1",)), 8)
+    with pytest.raises(ValueError, match="needs at least PP=4 micro-batches per step"):
+        dry_run(load_config(None, base + ("parallel.virtual_pipeline_model_parallel_size=2",
+                                          "training.global_batch_size=2")), 8)
+    assert "PP=4" in dry_run(load_config(None, base + (
+        "parallel.virtual_pipeline_model_parallel_size=2", "training.global_batch_size=16")), 8)
+    with pytest.raises(ValueError, match="--world-size must be >= 1"):
+        dry_run(load_config(None, base), 0)

@@ -124,3 +124,34 @@ def test_pack_groups_errors():
     assert batch.tokens.tolist() == [5, 6, 7, 9] and batch.labels.tolist() == [6, 7, 0, 0]
     assert batch.loss_mask.tolist() == [1, 1, 0, 0] and batch.target_mask.tolist() == [1, 1, 0, 0]
     assert batch.cu_seqlens.tolist() == [0, 4] and batch.max_seqlen == 4
+
+
+@pytest.mark.parametrize("pad", [1, 2, 8])
+@pytest.mark.parametrize("roles", [SOLOPO_ROLES, [Role.SHORT_CHOSEN], list(ALL_ROLES)[2:]])
+def test_group_sizes_from_the_index_equal_the_packed_sizes(dataset, pad, roles):
+    sizes = dataset.group_sizes(roles, pad)
+    assert sizes.shape == (len(dataset),)
+    for index in range(len(dataset)):
+        group = dataset.get_group(index, roles)
+        assert int(sizes[index]) == group_num_tokens(group, roles, pad)
+
+
+def test_split_to_at_least_keeps_order_and_stops_at_single_groups():
+    from megatron_solopo.data.packing import split_to_at_least
+
+    assert split_to_at_least([[0, 1, 2, 3, 4]], 3) == [[0, 1], [2], [3, 4]]
+    plan = split_to_at_least([[0, 1, 2, 3, 4], [5]], 4)
+    assert len(plan) == 4 and [i for members in plan for i in members] == list(range(6))
+    assert all(members for members in plan)
+    assert split_to_at_least([[0], [1]], 4) == [[0], [1]]  # cannot: one group each already
+    assert split_to_at_least([[0, 1], [2]], 1) == [[0, 1], [2]]
+
+
+def test_min_micro_batches_splits_a_step_that_packs_into_too_few(dataset):
+    pad_id = dataset.metadata["pad_id"]
+    few = build_micro_batches(dataset, list(range(6)), SOLOPO_ROLES, 100_000, 2, pad_id)
+    assert len(few) == 1
+    many = build_micro_batches(dataset, list(range(6)), SOLOPO_ROLES, 100_000, 2, pad_id,
+                               min_micro_batches=4)
+    assert len(many) == 4
+    assert [i for batch in many for i in batch.sample_indices.tolist()] == list(range(6))
