@@ -59,7 +59,8 @@ class ReferenceConfig:
     """Precomputed cache (tools/precompute_reference.py); default ``<data.train_prefix>.reference``."""
 
     checkpoint: Optional[str] = None
-    """The frozen reference model; default ``checkpoint.load`` (the starting point)."""
+    """The frozen reference model; default ``checkpoint.load`` (the starting point), unless that is
+    ``checkpoint.save`` (which holds the trained model once the run has saved)."""
 
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """ModelConfig fields that differ for the reference (LongPO: its original ``rotary_base``
@@ -421,6 +422,21 @@ def resolved_objective(config: JobConfig):
 
     return build_objective(config.objective["name"],
                            **{k: v for k, v in config.objective.items() if k != "name"})
+
+
+def reference_checkpoint(config: JobConfig) -> Optional[str]:
+    """The frozen reference model's checkpoint: ``reference.checkpoint``, else ``checkpoint.load``
+    (the starting point), except when that is the save directory: after the first save it holds
+    the *trained* model, so the reference must be named explicitly. None: no checkpoint (a live
+    reference then copies the freshly initialized model)."""
+    import os
+
+    if config.reference.checkpoint:
+        return config.reference.checkpoint
+    load, save = config.checkpoint.load, config.checkpoint.save
+    if load and save and os.path.realpath(load) == os.path.realpath(save):
+        return None
+    return load or None
 
 
 def reference_mode(config: JobConfig) -> str:

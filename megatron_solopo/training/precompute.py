@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch.distributed as dist
 
-from megatron_solopo.config import JobConfig, reference_mode, resolved_objective
+from megatron_solopo.config import (JobConfig, reference_checkpoint, reference_mode,
+                                    resolved_objective)
 
 PREFIX = "[megatron-solopo]"
 
@@ -97,7 +98,7 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
     from megatron_solopo.data.dataset import PreferenceDataset
     from megatron_solopo.data.packing import pad_multiple_for
     from megatron_solopo.parallel.distributed import detect_distributed_env, initialize_distributed
-    from megatron_solopo.training.batches import MicroBatchBuilder
+    from megatron_solopo.training.batches import MicroBatchBuilder, min_micro_batches
     from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
     from megatron_solopo.training.reference import (ReferenceCache, build_frozen_model,
                                                     checkpoint_fingerprint,
@@ -116,11 +117,15 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
         return []
     if not objective.needs_reference:
         raise ValueError(f"objective {objective.name!r} is reference-free: nothing to precompute")
-    checkpoint = config.reference.checkpoint or config.checkpoint.load
+    checkpoint = reference_checkpoint(config)
     if not checkpoint:
-        raise ValueError("set reference.checkpoint (or checkpoint.load): the frozen model to run")
+        raise ValueError("set reference.checkpoint: the frozen model to run (the default, "
+                         "checkpoint.load, is unset or is the save directory, which holds the "
+                         "trained model once the run has saved)")
     train_set = PreferenceDataset(config.data.train_prefix)
-    model_config = resolve_model_config(config, starting_run_config(checkpoint), train_set)
+    model_config = resolve_model_config(
+        config, starting_run_config(checkpoint, "reference checkpoint"), train_set,
+        start_path=checkpoint)
     model_config = dataclasses.replace(model_config, **config.reference.model_overrides)
     initialize_distributed(config.parallel, model=model_config, seed=config.training.seed)
     roles = objective.reference_roles
@@ -173,7 +178,8 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
                                     token_budget=config.data.max_tokens_per_micro_batch,
                                     pad_multiple=pad_multiple,
                                     pad_token_id=int(dataset.metadata["pad_id"]),
-                                    fixed_length=config.data.fixed_length_micro_batches)
+                                    fixed_length=config.data.fixed_length_micro_batches,
+                                    min_micro_batches=min_micro_batches(config.parallel))
         indices = list(range(dp_rank, len(dataset), dp_size))
         start = time.perf_counter()
         values = compute_reference_logps(model, builder, indices, roles,

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_solopo.config import JobConfig, reference_mode, resolved_objective
+from megatron_solopo.config import (JobConfig, reference_checkpoint, reference_mode,
+                                    resolved_objective)
 from megatron_solopo.model.config import build_transformer_config
 from megatron_solopo.objectives import ObjectiveInputs, RoleLogps
 from megatron_solopo.training import checkpoint as ckpt
@@ -186,12 +187,15 @@ class Trainer:
         self.reference_model = None
         if self.reference_mode == "none":
             return
-        reference_checkpoint = self.config.reference.checkpoint or self.config.checkpoint.load
+        checkpoint = reference_checkpoint(self.config)
+        if checkpoint is None and (self.reference_mode == "precomputed" or self.iteration > 0):
+            raise ValueError(
+                f"reference.mode={self.reference_mode} needs the reference model's checkpoint: set "
+                f"reference.checkpoint (checkpoint.load is unset or is the save directory, which "
+                f"holds the trained model once the run has saved)")
+        reference_checkpoint_path = checkpoint
         if self.reference_mode == "precomputed":
-            if not reference_checkpoint:
-                raise ValueError("reference.mode=precomputed needs the reference checkpoint: set "
-                                 "reference.checkpoint (or checkpoint.load)")
-            fingerprint = checkpoint_fingerprint(reference_checkpoint)
+            fingerprint = checkpoint_fingerprint(reference_checkpoint_path)
             self.reference_values = self._load_cache(
                 self.config.reference.cache or default_cache_path(self.config.data.train_prefix),
                 self.train_set, fingerprint)
@@ -199,7 +203,7 @@ class Trainer:
                 self.valid_reference_values = self._load_cache(
                     default_cache_path(self.config.data.valid_prefix), self.valid_set, fingerprint)
             return
-        self.reference_model = self._build_live_reference(reference_checkpoint)
+        self.reference_model = self._build_live_reference(reference_checkpoint_path)
         self.reference_builder = self._builder(self.train_set, self.objective.reference_roles)
 
     def _load_cache(self, path: str, dataset, fingerprint: str) -> dict:

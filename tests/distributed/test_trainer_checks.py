@@ -46,6 +46,11 @@ def test_missing_starting_checkpoint_is_an_error_not_a_random_init(setup, tmp_pa
     raw["checkpoint"] = {"load": str(tmp_path / "run"), "save": str(tmp_path / "run")}
     raw["training"]["train_iters"] = 2
     assert run_distributed(train_error, 1, raw) == [""]
+    # ... but then the reference cannot default to checkpoint.load (it holds the trained model)
+    raw = base_config(paths, str(root), checkpoint=dict(raw["checkpoint"]))
+    raw["reference"].pop("checkpoint")
+    (message,) = run_distributed(train_error, 1, raw)
+    assert "needs the reference model's checkpoint: set reference.checkpoint" in message
 
 
 def test_validation_split_from_another_tokenizer_is_refused(setup, tmp_path):

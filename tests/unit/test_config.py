@@ -174,3 +174,17 @@ def test_layout_and_batch_checks_of_the_interleaved_schedule(tmp_path):
         "parallel.virtual_pipeline_model_parallel_size=2", "training.global_batch_size=16")), 8)
     with pytest.raises(ValueError, match="--world-size must be >= 1"):
         dry_run(load_config(None, base), 0)
+
+
+def test_reference_checkpoint_is_never_the_run_s_own_save_directory(tmp_path):
+    from megatron_solopo.config import reference_checkpoint
+
+    def ref(**checkpoint):
+        return reference_checkpoint(config_from_dict({"checkpoint": checkpoint}))
+
+    assert ref(load="/ckpt/init", save="/ckpt/run") == "/ckpt/init"
+    assert ref(load=str(tmp_path / "run"), save=str(tmp_path / "run" / ".")) is None
+    assert ref() is None
+    explicit = config_from_dict({"checkpoint": {"load": "/r", "save": "/r"},
+                                 "reference": {"checkpoint": "/ckpt/init"}})
+    assert reference_checkpoint(explicit) == "/ckpt/init"
