@@ -68,6 +68,11 @@ class ReferenceCache:
         return values
 
     def save(self, path: str) -> None:
+        """Atomic: a temporary file renamed over ``path``; leftovers of a killed save go."""
+        import glob
+
+        for leftover in glob.glob(glob.escape(path) + ".tmp-*.npz"):
+            os.remove(leftover)
         tmp = f"{path}.tmp-{os.getpid()}.npz"
         np.savez(tmp, logps=self.logps, record_ids=np.array(self.record_ids, dtype=object),
                  metadata=np.array(json.dumps(self.metadata)))
