@@ -36,6 +36,19 @@ def train_error(raw: dict) -> str:
     return ""
 
 
+def dataset_with_another_tokenizer(tmp_path, name: str, count: int) -> str:
+    """A dataset prefix tokenized with a SentencePiece model other than the run's."""
+    from megatron_solopo.data import synthetic
+    from megatron_solopo.data.preprocess import preprocess
+
+    other = synthetic.train_sentencepiece_tokenizer(str(tmp_path / "tok"), vocab_size=150)
+    records = synthetic.generate_records("kv_retrieval", count, seed=5, long_length=60)
+    synthetic.write_jsonl(records, str(tmp_path / f"{name}.jsonl"))
+    preprocess([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), "SentencePieceTokenizer",
+               other)
+    return str(tmp_path / name)
+
+
 def test_missing_starting_checkpoint_is_an_error_not_a_random_init(setup, tmp_path):
     paths, root = setup
     raw = base_config(paths, str(root), objective=SIMPO, reference={"mode": "none"},
@@ -54,16 +67,9 @@ def test_missing_starting_checkpoint_is_an_error_not_a_random_init(setup, tmp_pa
 
 
 def test_validation_split_from_another_tokenizer_is_refused(setup, tmp_path):
-    from megatron_solopo.data import synthetic
-    from megatron_solopo.data.preprocess import preprocess
-
     paths, root = setup
-    other = synthetic.train_sentencepiece_tokenizer(str(tmp_path / "tok"), vocab_size=150)
-    records = synthetic.generate_records("kv_retrieval", 8, seed=5, long_length=60)
-    synthetic.write_jsonl(records, str(tmp_path / "valid.jsonl"))
-    preprocess([str(tmp_path / "valid.jsonl")], str(tmp_path / "valid"), "SentencePieceTokenizer",
-               other)
-    raw = base_config(paths, str(root), data={"valid_prefix": str(tmp_path / "valid")})
+    valid = dataset_with_another_tokenizer(tmp_path, "valid", 8)
+    raw = base_config(paths, str(root), data={"valid_prefix": valid})
     (message,) = run_distributed(train_error, 1, raw)
     assert f"dataset {tmp_path / 'valid'} was tokenized with" in message
 
@@ -71,17 +77,9 @@ def test_validation_split_from_another_tokenizer_is_refused(setup, tmp_path):
 def test_without_a_tokenizer_section_the_checkpoint_s_tokenizer_is_checked(setup, tmp_path):
     """The starting checkpoint recorded its tokenizer: a dataset made with another is refused
     even when the run config names none."""
-    from megatron_solopo.data import synthetic
-    from megatron_solopo.data.preprocess import preprocess
-
     paths, root = setup
-    other = synthetic.train_sentencepiece_tokenizer(str(tmp_path / "tok"), vocab_size=150)
-    records = synthetic.generate_records("kv_retrieval", 16, seed=6, long_length=60)
-    synthetic.write_jsonl(records, str(tmp_path / "train.jsonl"))
-    preprocess([str(tmp_path / "train.jsonl")], str(tmp_path / "train"), "SentencePieceTokenizer",
-               other)
     raw = base_config(paths, str(root), objective=SIMPO, reference={"mode": "none"},
-                      data={"train_prefix": str(tmp_path / "train")})
+                      data={"train_prefix": dataset_with_another_tokenizer(tmp_path, "train", 16)})
     del raw["tokenizer"]
     (message,) = run_distributed(train_error, 1, raw)
     assert "was tokenized with" in message and paths["tokenizer"] in message
