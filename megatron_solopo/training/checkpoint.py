@@ -246,16 +246,23 @@ class LoadedCheckpoint:
 def _vocab_requests(model_state: dict, checkpoint_vocab_rows: int) -> list:
     """Replace the model's vocab-row shards by whole-tensor requests with the checkpoint's
     padded row count (vocab padding is a multiple of 128 * TP, so it changes with TP)."""
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     replaced = []
     for chunk_name, chunk_state in model_state.items():
         for name, sharded in list(chunk_state.items()):
             if isinstance(sharded, ShardedTensor) and sharded.key in VOCAB_KEYS:
                 buffer = torch.empty((checkpoint_vocab_rows,) + tuple(sharded.global_shape[1:]),
                                      dtype=sharded.data.dtype, device=sharded.data.device)
+                # Every TP rank of the stage now asks for the whole tensor: exactly one request
+                # stays the main replica (the model's own main replica on TP rank 0). Other
+                # stages' copies (a tied output layer) keep their non-main replica ids.
+                original = sharded.replica_id if isinstance(sharded.replica_id, tuple) \
+                    else (sharded.replica_id,)
                 chunk_state[name] = ShardedTensor.from_rank_offsets(
-                    sharded.key, buffer, replica_id=_rank())
+                    sharded.key, buffer, replica_id=(*original, tp_rank))
                 replaced.append((chunk_name, name, sharded))
     return replaced
 

@@ -21,8 +21,8 @@ def _build(parallel, model_cfg, seed):
     return build_model(model_cfg, tc)
 
 
-def _save_then_load(save_fields, load_fields, root):
-    model_cfg = tiny_model()
+def _save_then_load(save_fields, load_fields, root, **model_fields):
+    model_cfg = tiny_model(**model_fields)
     save_parallel = ParallelConfig(**save_fields)
     chunks = _build(save_parallel, model_cfg, seed=3)
     saved = gather_full_state_dict(chunks)
@@ -55,3 +55,12 @@ def test_weights_reshard_across_layouts(tmp_path, save_fields, load_fields):
     run_distributed(_save_then_load, 2, save_fields, load_fields, str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / ckpt.TRACKER_FILE).read_text().strip() == "5"
     assert (tmp_path / "ckpt" / "iter_0000005" / ckpt.RUN_CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_vocab_padding_changes_with_pipeline_stages(tmp_path, tied):
+    """Saved at TP=2 (vocab padded for TP=2), loaded at PP=2: the vocab rows are whole-tensor
+    requests, made on the first stage (embedding) and the last (output layer)."""
+    run_distributed(_save_then_load, 2, dict(tensor_model_parallel_size=2),
+                    dict(pipeline_model_parallel_size=2), str(tmp_path / "ckpt"),
+                    untie_embeddings_and_output_weights=not tied)
