@@ -440,7 +440,12 @@ def reference_checkpoint(config: JobConfig) -> Optional[str]:
 
 
 def reference_mode(config: JobConfig) -> str:
-    """``precomputed``, ``live`` or ``none`` once ``auto`` is resolved."""
+    """``precomputed``, ``live`` or ``none``: ``auto`` resolved, and always ``none`` for a
+    reference-free objective (SimPO, ORPO, SFT, SoLoPO on those), whatever the config says: the
+    shipped examples set ``precomputed`` for their DPO-style objectives, and switching the
+    objective alone must not leave a run waiting for a cache nobody can compute."""
+    if not resolved_objective(config).needs_reference:
+        return "none"
     if config.reference.mode != "auto":
         return config.reference.mode
-    return "precomputed" if resolved_objective(config).needs_reference else "none"
+    return "precomputed"

@@ -115,8 +115,6 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
             print(f"{PREFIX} nothing to precompute: reference.mode={mode} ({objective.name}; "
                   f"{why})", flush=True)
         return []
-    if not objective.needs_reference:
-        raise ValueError(f"objective {objective.name!r} is reference-free: nothing to precompute")
     checkpoint = reference_checkpoint(config)
     if not checkpoint:
         raise ValueError("set reference.checkpoint: the frozen model to run (the default, "

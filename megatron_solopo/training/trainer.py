@@ -55,6 +55,7 @@ class Trainer:
         self.num_skipped = 0
         self.num_nan = 0
         self.history: list[dict] = []  # per-iteration metrics on the logging rank
+        self._log_window = self._new_log_window()  # what the next log line averages
 
     # ------------------------------------------------------------------------------------------
     # Set-up
@@ -79,6 +80,11 @@ class Trainer:
         for dataset in (self.train_set, self.valid_set):
             if dataset is not None:
                 dataset.check_roles(sorted(needed, key=lambda role: role.index))
+        if self.valid_set is not None and len(self.valid_set) < config.training.global_batch_size:
+            raise ValueError(f"data.valid_prefix {config.data.valid_prefix} has {len(self.valid_set)} "
+                             f"records, fewer than one global batch (training.global_batch_size="
+                             f"{config.training.global_batch_size}): evaluation runs whole global "
+                             f"batches")
         self.model_config = resolve_model_config(
             config, self.start_checkpoint, self.train_set, start_path=self.load_path,
             datasets=(self.valid_set,) if self.valid_set is not None else ())
@@ -116,6 +122,12 @@ class Trainer:
             config.logging.tensorboard_dir, config.logging.wandb_project,
             config.logging.wandb_exp_name, self.run_config, self.is_logging_rank,
             config.logging.metrics_jsonl)
+        if dist.get_rank() == 0 and config.training.eval_interval and self.valid_set is None:
+            print("[megatron-solopo] training.eval_interval is set but data.valid_prefix is not: "
+                  "no evaluation", flush=True)
+        if dist.get_rank() == 0 and config.reference.mode not in ("auto", self.reference_mode):
+            print(f"[megatron-solopo] reference.mode={config.reference.mode} ignored: objective "
+                  f"{self.objective.name} needs no reference log-probs", flush=True)
         if dist.get_rank() == 0:
             print("[megatron-solopo] resolved config:\n" + yaml.safe_dump(self.run_config, sort_keys=False),
                   flush=True)
@@ -429,29 +441,52 @@ class Trainer:
                         "train/throughput_tflops_per_gpu": per_gpu_tflops,
                         "train/tokens_per_sec_per_gpu": tokens_per_sec})
         self.writers.write(scalars, self.iteration)
+        window = self._log_window
+        window["iterations"] += 1
+        window["elapsed"] += result.elapsed
+        window["tokens"] += result.num_tokens
+        window["flops"] += result.flops
+        window["skipped"] += int(result.skipped)
+        if not result.skipped:
+            for name, value in values.items():
+                window["sums"][name] = window["sums"].get(name, 0.0) + value
+            window["good"] += 1
         if self.iteration % config.logging.log_interval == 0 or first_step:
+            # Megatron's line: averages over the iterations since the last line (metrics over the
+            # steps that were not skipped), counts of skipped/NaN iterations in that window.
+            iterations = window["iterations"]
+            elapsed = window["elapsed"] / iterations
+            interval_tflops = window["flops"] / max(window["elapsed"], 1e-9) / 1e12
+            interval_tokens = window["tokens"] / max(window["elapsed"], 1e-9)
+            averaged = {name: total / max(window["good"], 1) for name, total in window["sums"].items()}
             fields = [
                 f"consumed samples: {self.consumed_samples:12d}",
-                f"elapsed time per iteration (ms): {result.elapsed * 1000:.1f}",
+                f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
                 # CPU runs are far below 0.1 TFLOP/s: keep significant digits there.
                 "throughput per GPU (TFLOP/s/GPU): "
-                + (f"{per_gpu_tflops:.1f}" if per_gpu_tflops >= 1 else f"{per_gpu_tflops:.3g}"),
-                f"tokens/s/GPU: {tokens_per_sec:.1f}",
+                + (f"{interval_tflops:.1f}" if interval_tflops >= 1 else f"{interval_tflops:.3g}"),
+                f"tokens/s/GPU: {interval_tokens:.1f}",
                 f"learning rate: {record['lr']:.6E}",
                 f"global batch size: {config.training.global_batch_size:5d}",
             ]
             # Megatron's order: the loss first, then our preference metrics.
-            ordered = sorted(values, key=lambda name: (name != "loss", name))
-            fields += [f"{name}: {values[name]:.6E}" for name in ordered]
+            ordered = sorted(averaged, key=lambda name: (name != "loss", name))
+            fields += [f"{name}: {averaged[name]:.6E}" for name in ordered]
             fields += [f"loss scale: {1.0:.1f}",
                        f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None
                        else "grad norm: nan",
-                       f"number of skipped iterations: {int(result.skipped):3d}",
-                       f"number of nan iterations: {self.num_nan:3d}"]
+                       f"number of skipped iterations: {window['skipped']:3d}",
+                       f"number of nan iterations: {window['skipped']:3d}"]
             print(f" iteration {self.iteration:8d}/{config.training.train_iters:8d} | "
                   + " | ".join(fields) + " |", flush=True)
+            self._log_window = self._new_log_window()
         if first_step:
             print(metrics_lib.memory_line(), flush=True)
+
+    @staticmethod
+    def _new_log_window() -> dict:
+        return {"iterations": 0, "good": 0, "elapsed": 0.0, "tokens": 0, "flops": 0.0,
+                "skipped": 0, "sums": {}}
 
     def _log_eval(self, values: dict) -> None:
         if not self.is_logging_rank or not values:

@@ -74,6 +74,14 @@ def test_validation_split_from_another_tokenizer_is_refused(setup, tmp_path):
     assert f"dataset {tmp_path / 'valid'} was tokenized with" in message
 
 
+def test_validation_split_smaller_than_a_global_batch_is_refused_at_set_up(setup):
+    paths, root = setup
+    raw = base_config(paths, str(root), data={"valid_prefix": paths["valid"]},
+                      training={"global_batch_size": 32})  # the valid split has 16 records
+    (message,) = run_distributed(train_error, 1, raw)
+    assert "has 16 records, fewer than one global batch" in message
+
+
 def test_without_a_tokenizer_section_the_checkpoint_s_tokenizer_is_checked(setup, tmp_path):
     """The starting checkpoint recorded its tokenizer: a dataset made with another is refused
     even when the run config names none."""
@@ -152,3 +160,31 @@ def test_interleaved_schedule_splits_a_step_that_packs_into_one_micro_batch(setu
         **copy.deepcopy(common))))
     for a, b in zip(interleaved["losses"], single["losses"], strict=True):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("objective,mode", [(SIMPO, "precomputed"), ({"name": "sft"}, "live")])
+def test_reference_free_objective_ignores_the_example_s_reference_mode(setup, tmp_path,
+                                                                      objective, mode):
+    paths, root = setup
+    raw = base_config(paths, str(root), objective=objective, training={"train_iters": 2},
+                      reference={"mode": mode, "cache": str(tmp_path / "no-such-cache.npz")})
+    result = run_distributed(train, 1, raw, capture=True)[0]
+    assert f"reference.mode={mode} ignored" in result["output"]
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+
+
+def test_log_line_averages_over_the_log_interval(setup):
+    """As Megatron's: with log_interval=2 the line at iteration 4 shows the mean of iterations 3
+    and 4 (the first iteration is always printed on its own)."""
+    import re
+
+    paths, root = setup
+    raw = base_config(paths, str(root), logging={"log_interval": 2})
+    result = logging_result(run_distributed(train, 1, raw, capture=True))
+    lines = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r" iteration +(\d+)/ +\d+ \|.*? loss: ([-+0-9.E]+) \|", result["output"])}
+    assert sorted(lines) == [1, 2, 4]
+    losses = result["losses"]
+    assert math.isclose(lines[1], losses[0], rel_tol=1e-6)
+    assert math.isclose(lines[2], losses[1], rel_tol=1e-6)
+    assert math.isclose(lines[4], (losses[2] + losses[3]) / 2, rel_tol=1e-6)

@@ -29,6 +29,12 @@ def test_defaults_are_solopo_dpo_with_precomputed_reference():
     assert config.objective == {"name": "solopo", "base": "dpo"}
     assert reference_mode(config) == "precomputed"
     assert reference_mode(config_from_dict({"objective": {"name": "simpo"}})) == "none"
+    # the examples' "precomputed"/"live" is moot for a reference-free objective
+    for mode in ("precomputed", "live"):
+        assert reference_mode(config_from_dict({"objective": {"name": "solopo", "base": "simpo"},
+                                                "reference": {"mode": mode}})) == "none"
+    assert reference_mode(config_from_dict({"objective": {"name": "sft"},
+                                            "reference": {"mode": "live"}})) == "none"
 
 
 @pytest.mark.parametrize("raw,message", [
