@@ -19,6 +19,8 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py Makefile
+	@$(PYTHON) -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)" || { \
+	    echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'); megatron-core 0.19 needs >= 3.11 (make PYTHON=python3.11 ...)"; exit 2; }
 	@# Inside an NGC PyTorch container the system torch is a CUDA build with Transformer Engine:
 	@# reuse it (system site packages) instead of installing another torch.
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
