@@ -76,22 +76,38 @@ def summarize(metrics_file: Path) -> dict:
     return summary
 
 
+DEMO_MARKER = ".megatron-solopo-demo"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"))
-    parser.add_argument("--nproc", type=int, default=2, help="gloo ranks")
-    parser.add_argument("--train-iters", type=int, default=None)
-    parser.add_argument("--num-train", type=int, default=320)
-    parser.add_argument("--num-valid", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"),
+                        help="where data, checkpoints and logs go (default: runs/demo); a previous "
+                             "demo's directory is replaced, any other non-empty one is refused")
+    parser.add_argument("--nproc", type=int, default=2, help="gloo ranks (TP = nproc)")
+    parser.add_argument("--train-iters", type=int, default=None,
+                        help="training steps (default: the demo config's 30; at least 5)")
+    parser.add_argument("--num-train", type=int, default=320, help="synthetic training records")
+    parser.add_argument("--num-valid", type=int, default=32, help="synthetic validation records")
+    parser.add_argument("--seed", type=int, default=1234, help="data seed")
     parser.add_argument("overrides", nargs="*", help="extra section.field=value for training")
     args = parser.parse_args(argv)
 
+    if args.train_iters is not None and args.train_iters < 5:
+        parser.error(f"--train-iters {args.train_iters}: at least 5 (the demo warms up for 3)")
     started = time.time()
     workdir = Path(args.workdir).resolve()
-    if workdir.exists():
+    marker = workdir / DEMO_MARKER
+    if workdir.exists() and any(workdir.iterdir()):
+        # (older demos left no marker: recognize their layout)
+        earlier_demo = (workdir / "init").is_dir() and (workdir / "checkpoints").is_dir()
+        if not (marker.exists() or earlier_demo):
+            parser.error(f"--workdir {workdir} is not empty and is not a previous demo's "
+                         f"directory (no {DEMO_MARKER}); choose another")
+        print(f"[demo] replacing the previous demo in {workdir}", flush=True)
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by python -m megatron_solopo.demo; replaced by its next run\n")
     print(f"[demo] work directory: {workdir}", flush=True)
     paths = prepare_data(workdir, args.num_train, args.num_valid, args.seed)
 
@@ -108,7 +124,7 @@ def main(argv=None) -> int:
         "training.eval_iters=1",
         f"parallel.tensor_model_parallel_size={args.nproc if args.nproc > 1 else 1}",
     ]
-    if args.train_iters:
+    if args.train_iters is not None:
         overrides.append(f"training.train_iters={args.train_iters}")
     overrides += args.overrides
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

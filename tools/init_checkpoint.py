@@ -20,15 +20,19 @@ def main(argv=None) -> int:
     from megatron_solopo.parallel.distributed import destroy_distributed
     from megatron_solopo.training.model_setup import write_initial_checkpoint
 
+    import torch.distributed as dist
+
     try:
         config = load_config(args.config, tuple(args.overrides))
         path = write_initial_checkpoint(config, args.output)
+        rank = dist.get_rank() if dist.is_initialized() else 0
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         destroy_distributed()
-    print(f"wrote {path}")
+    if rank == 0:
+        print(f"wrote {path}")
     return 0
 
 

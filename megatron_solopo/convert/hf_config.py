@@ -42,13 +42,17 @@ def _get(hf: dict, family: str, name: str):
 def detect_family(hf: dict, source: str = "config.json") -> str:
     """``llama``, ``qwen2`` or ``mistral`` from ``architectures`` (else ``model_type``)."""
     architectures = hf.get("architectures") or []
+    model_type = hf.get("model_type")
     for architecture in architectures:
         if architecture in ARCHITECTURES:
-            return ARCHITECTURES[architecture]
+            family = ARCHITECTURES[architecture]
+            if model_type is not None and model_type != family:
+                refuse(source, "model_type", model_type,
+                       f"architectures says {architecture}, a {family} model; the two disagree")
+            return family
     if architectures:
         refuse(source, "architectures", architectures,
                "supported: " + ", ".join(ARCHITECTURES))
-    model_type = hf.get("model_type")
     if model_type not in FAMILY_ARCHITECTURE:
         refuse(source, "model_type", model_type, "supported: " + ", ".join(FAMILY_ARCHITECTURE))
     return model_type

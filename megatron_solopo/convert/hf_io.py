@@ -22,6 +22,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 COMPANION_FILES = ("generation_config.json",)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; a ValueError naming the file and position otherwise."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 class SafetensorsReader:
     """Lazy access to a (sharded or not) safetensors checkpoint: a tensor is read from its file
     only when asked for, so a converter holds one tensor at a time, not the whole model."""
@@ -32,7 +43,9 @@ class SafetensorsReader:
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' mapping tensor names to files")
             files = sorted(set(weight_map.values()))
         elif (directory / SINGLE_FILE).exists():
             weight_map, files = None, [SINGLE_FILE]
@@ -43,7 +56,12 @@ class SafetensorsReader:
         for name in files:
             if not (directory / name).exists():
                 raise ValueError(f"{index}: lists {name}, which is missing")
-        self.handles = {name: safe_open(str(directory / name), framework="pt") for name in files}
+        self.handles = {}
+        for name in files:
+            try:
+                self.handles[name] = safe_open(str(directory / name), framework="pt")
+            except Exception as err:  # safetensors raises its own SafetensorError
+                raise ValueError(f"{directory / name}: not a readable safetensors file ({err})") from None
         self.location = {key: name for name, handle in self.handles.items() for key in handle.keys()}
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.location))

@@ -17,7 +17,6 @@ mapped inputs: docs/conversion.md).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Union
 
@@ -25,7 +24,7 @@ import torch
 
 from megatron_solopo.convert.hf_config import dtype_name, model_config_from_hf
 from megatron_solopo.convert.hf_io import (TOKENIZER_FILES, SafetensorsReader, atomic_output_dir,
-                                           copy_tokenizer_files)
+                                           copy_tokenizer_files, read_json)
 from megatron_solopo.convert.sharded import CanonicalChunk, single_process_group
 from megatron_solopo.convert.weights import (IGNORED_HF_SUFFIXES, canonical_tensors, hf_shapes,
                                              hf_sources, to_canonical_parts)
@@ -40,7 +39,7 @@ def read_hf_config(hf_dir: Union[str, Path]) -> tuple[dict, ModelConfig]:
     config_path = Path(hf_dir) / "config.json"
     if not config_path.exists():
         raise ValueError(f"--hf-dir {hf_dir}: no config.json (expected a Hugging Face model directory)")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = read_json(config_path)
     return hf_config, model_config_from_hf(hf_config, str(config_path))
 
 

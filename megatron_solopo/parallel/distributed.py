@@ -32,19 +32,22 @@ class DistributedEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list: ``"gpu[012-015,020],cpu1"`` -> ``"gpu012"``."""
+    """First host of a Slurm node list: ``"gpu[012-015,020],cpu1"`` -> ``"gpu012"``,
+    ``"gpu[012-015]-ib"`` -> ``"gpu012-ib"``."""
     nodelist = nodelist.strip()
-    match = re.match(r"^([^\[,]+)(\[([^\]]+)\])?", nodelist)
+    match = re.match(r"^([^\[,]+)(?:\[([^\]]+)\]([^,\[]*))?", nodelist)
     if not match:
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.group(1), match.group(3)
+    prefix, ranges, suffix = match.group(1), match.group(2), match.group(3) or ""
     if ranges is None:
         return prefix
     first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return prefix + first + suffix
 
 
-def _int_env(environ: Mapping[str, str], name: str) -> int:
+def _int_env(environ: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
+    if name not in environ and default is not None:
+        return default
     value = environ[name]
     try:
         return int(value)
@@ -52,18 +55,37 @@ def _int_env(environ: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _checked(env: DistributedEnv, names: tuple[str, str, str]) -> DistributedEnv:
+    """Refuse impossible values here, before a rendezvous that would wait for ranks that never
+    come (``distributed_timeout_minutes``). ``names``: the variables rank/world/port came from."""
+    rank_name, world_name, port_name = names
+    if env.world_size < 1:
+        raise ValueError(f"{world_name}={env.world_size}: the world size must be >= 1")
+    if not 0 <= env.rank < env.world_size:
+        raise ValueError(f"{rank_name}={env.rank} is not a rank of a world of {world_name}="
+                         f"{env.world_size} (0 .. {env.world_size - 1})")
+    if not 0 < env.master_port < 65536:
+        raise ValueError(f"{port_name}={env.master_port} is not a TCP port (1 .. 65535)")
+    return env
+
+
 def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
     """Rank and rendezvous from torchrun's variables, else Slurm's, else a single process."""
     environ = os.environ if environ is None else environ
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return DistributedEnv(
+    torchrun = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
+    if len(torchrun) == 1:
+        missing = ({"RANK", "WORLD_SIZE"} - set(torchrun)).pop()
+        raise ValueError(f"{torchrun[0]} is set but {missing} is not: launch with torchrun (which "
+                         f"sets both), or unset {torchrun[0]}")
+    if torchrun:
+        return _checked(DistributedEnv(
             rank=_int_env(environ, "RANK"),
             world_size=_int_env(environ, "WORLD_SIZE"),
-            local_rank=_int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+            local_rank=_int_env(environ, "LOCAL_RANK", 0),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+            master_port=_int_env(environ, "MASTER_PORT", DEFAULT_MASTER_PORT),
             launcher="torchrun",
-        )
+        ), ("RANK", "WORLD_SIZE", "MASTER_PORT"))
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         if "MASTER_ADDR" in environ:
             master_addr = environ["MASTER_ADDR"]
@@ -73,17 +95,18 @@ def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> Distr
             raise ValueError("Slurm launch without MASTER_ADDR or SLURM_JOB_NODELIST: cannot find "
                              "the rendezvous host")
         # Derive a job-specific port so two jobs sharing a node do not collide.
-        default_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % 10000
-        return DistributedEnv(
+        default_port = DEFAULT_MASTER_PORT + _int_env(environ, "SLURM_JOB_ID", 0) % 10000
+        return _checked(DistributedEnv(
             rank=_int_env(environ, "SLURM_PROCID"),
             world_size=_int_env(environ, "SLURM_NTASKS"),
-            local_rank=_int_env(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+            local_rank=_int_env(environ, "SLURM_LOCALID", 0),
             master_addr=master_addr,
-            master_port=int(environ.get("MASTER_PORT", default_port)),
+            master_port=_int_env(environ, "MASTER_PORT", default_port),
             launcher="slurm",
-        )
-    return DistributedEnv(0, 1, 0, environ.get("MASTER_ADDR", "127.0.0.1"),
-                          int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "single")
+        ), ("SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT"))
+    return _checked(DistributedEnv(0, 1, 0, environ.get("MASTER_ADDR", "127.0.0.1"),
+                                   _int_env(environ, "MASTER_PORT", DEFAULT_MASTER_PORT), "single"),
+                    ("rank", "world size", "MASTER_PORT"))
 
 
 def free_port() -> int:

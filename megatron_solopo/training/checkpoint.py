@@ -65,6 +65,19 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(root: Union[str, Path], field: str) -> None:
+    """Every rank, before any collective: the save directory can be created and written, so a
+    read-only or wrong path stops the run at start, not at its first save."""
+    root = Path(root)
+    probe = root / f".write-test-{os.uname().nodename}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{field}={root} is not writable: {err}") from None
+
+
 def _displaced(directory: Path) -> Path:
     """Where an existing checkpoint directory waits while a new save of its iteration lands."""
     return directory.with_name(f".old-{directory.name}")

@@ -88,6 +88,8 @@ class Trainer:
         self.model_config = resolve_model_config(
             config, self.start_checkpoint, self.train_set, start_path=self.load_path,
             datasets=(self.valid_set,) if self.valid_set is not None else ())
+        if config.checkpoint.save:
+            ckpt.check_writable(config.checkpoint.save, "checkpoint.save")
         self.env = initialize_distributed(config.parallel, model=self.model_config,
                                           seed=config.training.seed)
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -162,11 +164,29 @@ class Trainer:
         self.num_skipped = int(common.get("num_skipped", 0))
         self.num_nan = int(common.get("num_nan", 0))
         self._report_schedule_changes(common["scheduler"])
+        self._report_data_order_changes()
         self.scheduler.load_state_dict(common["scheduler"])
         if not loaded.loaded_optimizer and dist.get_rank() == 0:
             print("[megatron-solopo] resumed weights, iteration and schedule; optimizer state was "
                   "not restored (parallel layout changed or checkpoint.load_optimizer=false)",
                   flush=True)
+
+    def _report_data_order_changes(self) -> None:
+        """The sampler resumes at ``consumed_samples`` of a permutation drawn from the seed: with
+        another seed or shuffle setting the rest of the current epoch repeats some records and
+        skips others. Allowed (a deliberate change), but said."""
+        saved = self.start_checkpoint
+        changed = []
+        for section, key in (("training", "seed"), ("data", "shuffle"),
+                             ("training", "global_batch_size")):
+            before = (saved.get(section) or {}).get(key)
+            now = getattr(getattr(self.config, section), key)
+            if before is not None and before != now:
+                changed.append(f"{section}.{key} {before} -> {now}")
+        if changed and dist.get_rank() == 0:
+            print(f"[megatron-solopo] warning: resuming with {', '.join(changed)}: the data order "
+                  f"of the current epoch changes (some records repeat, others are skipped until "
+                  f"the next epoch)", flush=True)
 
     def _report_schedule_changes(self, saved: dict) -> None:
         """A resumed run follows the config's LR/WD schedule (e.g. a raised train_iters extends
@@ -244,7 +264,22 @@ class Trainer:
             run_config["hf"] = self.start_checkpoint["hf"]
         run_config["dataset"] = {key: self.train_set.metadata.get(key)
                                  for key in ("tokenizer", "vocab_size", "source_hash", "num_records")}
+        # The tokenizer the run really used (the config may leave it to the starting checkpoint):
+        # later runs check their data against it, megatron-to-hf copies its files.
+        run_config["tokenizer"] = self._resolved_tokenizer()
         return run_config
+
+    def _resolved_tokenizer(self) -> dict:
+        import os
+
+        from megatron_solopo.training.model_setup import run_tokenizer
+
+        described = self.train_set.metadata["tokenizer"]
+        path = run_tokenizer(self.config, self.start_checkpoint, self.load_path)
+        if path is None and described.get("model") and os.path.exists(described["model"]):
+            path = described["model"]  # what the dataset was made with
+        return {"tokenizer_type": described["type"],
+                "tokenizer_model": os.path.abspath(path) if path else ""}
 
     # ------------------------------------------------------------------------------------------
     # The objective inside Megatron's schedule
@@ -398,6 +433,10 @@ class Trainer:
         first_step = True
         consecutive_skips = 0
         start_iteration = self.iteration
+        if self.iteration >= config.training.train_iters and dist.get_rank() == 0:
+            print(f"[megatron-solopo] nothing to train: the checkpoint is at iteration "
+                  f"{self.iteration}, training.train_iters={config.training.train_iters}",
+                  flush=True)
         while self.iteration < config.training.train_iters:
             result = self.train_step()
             if result.skipped:

@@ -109,6 +109,21 @@ def test_failure_during_the_save_leaves_no_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "config.json").write_text('{"hidden_size": 64,'), r"config.json: invalid JSON"),
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+     r"model.safetensors.index.json: no 'weight_map'"),
+    (lambda d: (d / "model-00001-of-00003.safetensors").write_bytes(b"\x00" * 100),
+     r"model-00001-of-00003.safetensors: not a readable safetensors file"),
+])
+def test_damaged_input_files_are_named(tmp_path, damage, message):
+    hf_dir = make_tiny_hf_checkpoint(tmp_path / "hf", tokenizer=False)
+    damage(hf_dir)
+    with pytest.raises(ValueError, match=message):
+        hf_to_megatron(hf_dir, tmp_path / "megatron")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def _resave_single_file(hf_dir, edit):
     """Rewrite a tiny checkpoint as one file after ``edit(tensors)``."""
     tensors = {}

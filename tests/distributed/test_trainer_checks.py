@@ -188,3 +188,46 @@ def test_log_line_averages_over_the_log_interval(setup):
     assert math.isclose(lines[1], losses[0], rel_tol=1e-6)
     assert math.isclose(lines[2], losses[1], rel_tol=1e-6)
     assert math.isclose(lines[4], (losses[2] + losses[3]) / 2, rel_tol=1e-6)
+
+
+def test_saved_run_config_records_the_tokenizer_the_run_used(setup, tmp_path):
+    """Even when the config leaves it to the starting checkpoint: the next run (and
+    megatron-to-hf) read it from there."""
+    import os
+
+    import yaml
+
+    paths, root = setup
+    raw = base_config(paths, str(root), training={"train_iters": 2},
+                      checkpoint={"save": str(tmp_path / "run")})
+    del raw["tokenizer"]
+    run_distributed(train, 1, raw)
+    saved = yaml.safe_load((tmp_path / "run" / "iter_0000002" / "run_config.yaml").read_text())
+    assert saved["tokenizer"] == {"tokenizer_type": "SentencePieceTokenizer",
+                                  "tokenizer_model": os.path.abspath(paths["tokenizer"])}
+
+
+def test_unwritable_save_directory_stops_the_run_at_set_up(setup, tmp_path):
+    """A save path that cannot be created (here under a regular file: fails even as root) is
+    refused before the first step, not at the first save."""
+    paths, root = setup
+    (tmp_path / "a-file").write_text("")
+    save = tmp_path / "a-file" / "run"
+    raw = base_config(paths, str(root), checkpoint={"save": str(save)})
+    (message,) = run_distributed(train_error, 1, raw)
+    assert f"checkpoint.save={save} is not writable" in message
+
+
+def test_resume_notes_a_finished_run_and_a_changed_data_order(setup, tmp_path):
+    paths, root = setup
+    save = {"save": str(tmp_path / "run"), "load": str(tmp_path / "run")}
+    run_distributed(train, 1, base_config(paths, str(root), training={"train_iters": 2},
+                                          checkpoint=dict(save)))
+    again = run_distributed(train, 1, base_config(paths, str(root), training={"train_iters": 2},
+                                                  checkpoint=dict(save)), capture=True)[0]
+    assert "nothing to train: the checkpoint is at iteration 2, training.train_iters=2" in \
+        again["output"] and again["losses"] == []
+    reseeded = run_distributed(train, 1, base_config(
+        paths, str(root), training={"train_iters": 3, "seed": 99}, checkpoint=dict(save)),
+        capture=True)[0]
+    assert "warning: resuming with training.seed 7 -> 99" in reseeded["output"]

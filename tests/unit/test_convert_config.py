@@ -91,6 +91,8 @@ def test_llama3_rope_scaling_keeps_its_parameters():
     (dict(layer_types=["full_attention", "sliding_attention", "full_attention"],
           sliding_window=256), "layer_types=['full_attention', 'sliding_attention']"),
     (dict(num_key_value_heads=3), "num_attention_heads=8 is not divisible"),
+    (dict(model_type="gpt2"), "model_type='gpt2' is not supported; architectures says "
+                              "LlamaForCausalLM, a llama model; the two disagree"),
 ])
 def test_unmodelled_features_are_refused_by_name(changes, message):
     hf = {key: value for key, value in dict(LLAMA, **changes).items() if value is not None}

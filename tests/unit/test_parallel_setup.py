@@ -78,7 +78,9 @@ def test_slurm_environment_uses_first_host_of_nodelist():
 
 
 @pytest.mark.parametrize("nodelist,host", [("node1", "node1"), ("n[3-5]", "n3"),
-                                           ("gpu[07,09],cpu1", "gpu07"), ("a-b,c", "a-b")])
+                                           ("gpu[07,09],cpu1", "gpu07"), ("a-b,c", "a-b"),
+                                           ("gpu[012-015]-ib", "gpu012-ib"),
+                                           ("gpu-a[001-004,007],gpu-b012", "gpu-a001")])
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
 
@@ -87,6 +89,23 @@ def test_bad_environment_value_is_named():
     with pytest.raises(ValueError, match="SLURM_NTASKS='x'"):
         detect_distributed_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "x",
                                 "SLURM_JOB_NODELIST": "n1"})
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"},
+     "SLURM_PROCID=2 is not a rank of a world of SLURM_NTASKS=2"),
+    ({"SLURM_PROCID": "-1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"},
+     "SLURM_PROCID=-1 is not a rank"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0", "SLURM_JOB_NODELIST": "n1"},
+     "SLURM_NTASKS=0: the world size must be >= 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK is not"),
+])
+def test_impossible_environments_fail_before_any_rendezvous(environ, message):
+    with pytest.raises(ValueError) as err:
+        detect_distributed_env(environ)
+    assert message in str(err.value)
 
 
 def test_single_process_default():
