@@ -4,7 +4,7 @@
 #   docker run --gpus all --ipc=host --rm -it -v /data:/data -v /ckpt:/ckpt megatron-solopo
 #
 # Slurm + pyxis: `enroot import dockerd://megatron-solopo` and pass the .sqsh as --container-image.
-# The launch issue completes this file (examples/slurm/); this first version installs the package.
+# Launch scripts for Slurm: examples/slurm/.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 

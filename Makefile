@@ -10,6 +10,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# for the CPU build from the public index (PyPI's default Linux wheel is the CUDA one).
+TORCH_PIP_ARGS ?=
 MCORE_SPEC ?= megatron-core==0.19.2
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
@@ -30,8 +33,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	    $(PYTHON) -m venv $(VENV); \
 	fi
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-	    echo "[install] no torch: installing $(TORCH_SPEC) (CPU build where the local wheel is)"; \
-	    $(PIP) install -q "$(TORCH_SPEC)"; \
+	    echo "[install] no torch: installing $(TORCH_SPEC) $(TORCH_PIP_ARGS)"; \
+	    $(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); \
 	fi
 	@# megatron-core 0.19.x declares Requires-Python>=3.12 but ships a cp311 wheel; numpy 2.5
 	@# has no cp311 wheel, hence the pin on 3.11.

@@ -56,7 +56,7 @@ class ReferenceConfig:
     reference, else ``none``. ``live`` runs a frozen copy of the starting model in the job."""
 
     cache: Optional[str] = None
-    """Precomputed cache (tools/precompute_reference.py); default ``<data.train_prefix>.reference``."""
+    """Precomputed cache (tools/precompute_reference.py); default ``<data.train_prefix>.reference.npz``."""
 
     checkpoint: Optional[str] = None
     """The frozen reference model; default ``checkpoint.load`` (the starting point), unless that is
@@ -94,7 +94,8 @@ class TrainingConfig:
 @dataclasses.dataclass
 class SchedulerConfig:
     lr_warmup_fraction: Optional[float] = None
-    """Warm-up as a fraction of ``training.train_iters`` (wins over ``lr_warmup_iters``)."""
+    """Warm-up as a fraction of the decay steps (``lr_decay_iters``, default ``training.train_iters``;
+    wins over ``lr_warmup_iters``)."""
 
     lr_warmup_iters: int = 0
     """Linear warm-up steps from 0 to ``optimizer.lr``."""
@@ -129,7 +130,8 @@ class LoggingConfig:
     """Print Megatron's per-iteration line every N steps."""
 
     tensorboard_dir: Optional[str] = None
-    """TensorBoard event files (rank 0 of the last pipeline stage writes)."""
+    """TensorBoard event files (written by the last global rank, which is on the last pipeline
+    stage)."""
 
     wandb_project: Optional[str] = None
     """Weights & Biases project; used when wandb is installed."""

@@ -214,7 +214,7 @@ def build_transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=fused,
         # gloo matches two same-peer sends in one batch in issue order: interleaved PP with
-        # PP=2 is silently wrong with batched p2p on CPU (shared/notes/mcore-cpu-probe.md item 5b).
+        # PP=2 is silently wrong with batched p2p on CPU (measured; docs/cpu.md).
         batch_p2p_comm=torch.cuda.is_available(),
         # Irrelevant without experts, but the default ("allgather") makes TransformerConfig
         # reject variable_seq_lengths, which packed micro-batches under PP need.

@@ -15,8 +15,8 @@ every parallel layout with gloo) it fails in two ways:
    code needs it (file:line in megatron-core 0.19.2).
 
 Both are no-ops when CUDA is available, so the same code and tests run unchanged on a GPU.
-The facts behind this module are in ``shared/notes/mcore-cpu-probe.md``; docs/cpu.md has the
-user-facing summary.
+Each patch below names the megatron-core code that needs it; docs/cpu.md has the user-facing
+summary.
 """
 
 from __future__ import annotations
