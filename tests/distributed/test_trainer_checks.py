@@ -108,13 +108,24 @@ def test_a_record_over_the_budget_stops_the_run_at_set_up(setup):
     assert f"needs {int(sizes.max())} tokens" in message
 
 
+def first_run_then(paths, root, tmp_path, iters: int):
+    """Train ``iters`` steps into a save directory that is also the load directory; returns a
+    function that resumes it with other sections (single rank, output captured)."""
+    save = {"save": str(tmp_path / "run"), "load": str(tmp_path / "run")}
+    run_distributed(train, 1, base_config(paths, str(root), training={"train_iters": iters},
+                                          checkpoint=dict(save)))
+
+    def resume(**sections):
+        raw = base_config(paths, str(root), checkpoint=dict(save), **sections)
+        return run_distributed(train, 1, raw, capture=True)[0]
+
+    return resume
+
+
 def test_resumed_run_follows_the_config_s_schedule_and_says_so(setup, tmp_path):
     paths, root = setup
-    save = {"save": str(tmp_path / "run"), "load": str(tmp_path / "run")}
-    run_distributed(train, 1, base_config(paths, str(root), training={"train_iters": 3},
-                                          checkpoint=dict(save)))
-    extended = base_config(paths, str(root), training={"train_iters": 5}, checkpoint=dict(save))
-    resumed = run_distributed(train, 1, extended, capture=True)[0]
+    resume = first_run_then(paths, root, tmp_path, 3)
+    resumed = resume(training={"train_iters": 5})
     assert "the schedule differs from the checkpoint's; following the config" in resumed["output"]
     assert "lr_decay_steps 3 -> 5" in resumed["output"]
     fresh = logging_result(run_distributed(train, 1, base_config(paths, str(root),
@@ -220,14 +231,9 @@ def test_unwritable_save_directory_stops_the_run_at_set_up(setup, tmp_path):
 
 def test_resume_notes_a_finished_run_and_a_changed_data_order(setup, tmp_path):
     paths, root = setup
-    save = {"save": str(tmp_path / "run"), "load": str(tmp_path / "run")}
-    run_distributed(train, 1, base_config(paths, str(root), training={"train_iters": 2},
-                                          checkpoint=dict(save)))
-    again = run_distributed(train, 1, base_config(paths, str(root), training={"train_iters": 2},
-                                                  checkpoint=dict(save)), capture=True)[0]
+    resume = first_run_then(paths, root, tmp_path, 2)
+    again = resume(training={"train_iters": 2})
     assert "nothing to train: the checkpoint is at iteration 2, training.train_iters=2" in \
         again["output"] and again["losses"] == []
-    reseeded = run_distributed(train, 1, base_config(
-        paths, str(root), training={"train_iters": 3, "seed": 99}, checkpoint=dict(save)),
-        capture=True)[0]
+    reseeded = resume(training={"train_iters": 3, "seed": 99})
     assert "warning: resuming with training.seed 7 -> 99" in reseeded["output"]
