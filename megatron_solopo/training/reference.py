@@ -86,25 +86,38 @@ class ReferenceCache:
         with np.load(path, allow_pickle=True) as data:
             return cls(data["logps"], list(data["record_ids"]), json.loads(str(data["metadata"])))
 
+    def problem(self, *, fingerprint: str, dataset_metadata: dict,
+                roles: Sequence[Role]) -> Optional[str]:
+        """Why this cache does not belong to the run (None if it does): another reference
+        checkpoint, another dataset, or a missing role. Shared by :meth:`check` (training) and
+        precompute's freshness test."""
+        meta = self.metadata
+        if meta.get("checkpoint_fingerprint") != fingerprint:
+            return (f"computed from another checkpoint ({meta.get('checkpoint')}, fingerprint "
+                    f"{str(meta.get('checkpoint_fingerprint'))[:12]}; now {fingerprint[:12]})")
+        for key in ("source_hash", "num_records", "tokenizer"):
+            if key in meta.get("dataset", {}) and meta["dataset"][key] != dataset_metadata.get(key):
+                return (f"computed on another dataset ({key}: {meta['dataset'][key]!r} vs "
+                        f"{dataset_metadata.get(key)!r})")
+        missing = [str(r) for r in roles if r.value not in meta.get("roles", [])]
+        if missing:
+            return f"partial: lacks role(s) {missing} (it has {meta.get('roles')})"
+        return None
+
     def check(self, *, fingerprint: str, dataset_metadata: dict, roles: Sequence[Role],
               path: str) -> None:
         """Refuse a stale cache with a message that says what changed."""
         meta = self.metadata
-        if meta.get("checkpoint_fingerprint") != fingerprint:
+        if meta.get("checkpoint_fingerprint") != fingerprint:  # the common case, spelled out
             raise ValueError(
                 f"reference cache {path} is stale: it was computed from checkpoint "
                 f"{meta.get('checkpoint')} (fingerprint {str(meta.get('checkpoint_fingerprint'))[:12]}), "
                 f"but the reference model now is a different checkpoint (fingerprint "
                 f"{fingerprint[:12]}). Recompute it with tools/precompute_reference.py")
-        for key in ("source_hash", "num_records", "tokenizer"):
-            if key in meta.get("dataset", {}) and meta["dataset"][key] != dataset_metadata.get(key):
-                raise ValueError(f"reference cache {path} was computed on another dataset "
-                                 f"({key}: {meta['dataset'][key]!r} vs {dataset_metadata.get(key)!r}); "
-                                 f"recompute it")
-        missing = [str(r) for r in roles if r.value not in meta.get("roles", [])]
-        if missing:
-            raise ValueError(f"reference cache {path} lacks role(s) {missing} needed by the "
-                             f"objective (it has {meta.get('roles')}); recompute it")
+        problem = self.problem(fingerprint=fingerprint, dataset_metadata=dataset_metadata, roles=roles)
+        if problem:
+            raise ValueError(f"reference cache {path} is stale: {problem}; recompute it with "
+                             f"tools/precompute_reference.py")
 
 
 def gather_values(local: dict, num_records: int, group=None) -> np.ndarray:
