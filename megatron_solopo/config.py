@@ -426,19 +426,25 @@ def resolved_objective(config: JobConfig):
                            **{k: v for k, v in config.objective.items() if k != "name"})
 
 
+def load_is_save(config: JobConfig) -> bool:
+    """``checkpoint.load`` names the save directory itself (a job configured to resume from where
+    it saves): then it is not a fixed starting point."""
+    import os
+
+    load, save = config.checkpoint.load, config.checkpoint.save
+    return bool(load and save and os.path.realpath(load) == os.path.realpath(save))
+
+
 def reference_checkpoint(config: JobConfig) -> Optional[str]:
     """The frozen reference model's checkpoint: ``reference.checkpoint``, else ``checkpoint.load``
     (the starting point), except when that is the save directory: after the first save it holds
     the *trained* model, so the reference must be named explicitly. None: no checkpoint (a live
     reference then copies the freshly initialized model)."""
-    import os
-
     if config.reference.checkpoint:
         return config.reference.checkpoint
-    load, save = config.checkpoint.load, config.checkpoint.save
-    if load and save and os.path.realpath(load) == os.path.realpath(save):
+    if load_is_save(config):
         return None
-    return load or None
+    return config.checkpoint.load or None
 
 
 def reference_mode(config: JobConfig) -> str:

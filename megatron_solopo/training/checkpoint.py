@@ -144,13 +144,17 @@ def _barrier() -> None:
 DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
+def _optimizer_parts(optimizer) -> list:
+    """The optimizers a (possibly chained) Megatron optimizer is made of."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _optimizer_metadata(optimizer, given: Optional[dict]) -> Optional[dict]:
     if given is not None:
         return given
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if any(isinstance(part, DistributedOptimizer) for part in parts):
+    if any(isinstance(part, DistributedOptimizer) for part in _optimizer_parts(optimizer)):
         return {"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_FORMAT}
     return None
 
@@ -164,7 +168,7 @@ def _allocate_optimizer_state(optimizer) -> None:
 
     if distrib_optimizer.HAVE_APEX_OR_TE:  # TE/apex Adam: state_dict() copes with no state
         return
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in _optimizer_parts(optimizer):
         inner = getattr(part, "optimizer", None)
         if isinstance(part, distrib_optimizer.DistributedOptimizer) and inner is not None \
                 and not inner.state:
@@ -178,7 +182,7 @@ def _restore_adam_steps(optimizer) -> None:
     them, and megatron's own restore hands every parameter the *same* tensor, which torch's Adam
     would then increment once per parameter per step. Set each parameter's own ``step`` from its
     group's, so the bias correction continues where the saved run stopped."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in _optimizer_parts(optimizer):
         inner = getattr(part, "optimizer", None)
         for group in getattr(inner, "param_groups", []):
             if group.get("step") is None:

@@ -64,14 +64,13 @@ def starting_checkpoint(config) -> tuple[Optional[str], dict]:
     else ``checkpoint.load`` (which must hold one, unless it is the save directory itself: the
     first run of a job configured to resume from where it saves starts from scratch), else none.
     """
-    from pathlib import Path
-
+    from megatron_solopo.config import load_is_save
     from megatron_solopo.training import checkpoint as ckpt
 
     save, load = config.checkpoint.save, config.checkpoint.load
     if save and ckpt.resolve_checkpoint(save) is not None:
         return save, ckpt.read_run_config(save)
-    if load and save and Path(load).resolve() == Path(save).resolve():
+    if load_is_save(config):
         return None, {}
     return (load or None), starting_run_config(load, "checkpoint.load")
 

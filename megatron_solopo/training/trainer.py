@@ -119,6 +119,12 @@ class Trainer:
             shuffle=config.data.shuffle)
         self.batches = cycle(self.sampler)
         self._setup_reference()
+        # Built once (each checks its dataset against the micro-batch budget): (policy, live
+        # reference or None) for the validation split.
+        self.valid_builders = (None, None) if self.valid_set is None else (
+            self._builder(self.valid_set, self.objective.policy_roles),
+            self._builder(self.valid_set, self.objective.reference_roles)
+            if self.reference_model is not None else None)
         self.run_config = self._run_config()
         self.writers = metrics_lib.MetricWriters(
             config.logging.tensorboard_dir, config.logging.wandb_project,
@@ -225,9 +231,8 @@ class Trainer:
                 f"reference.mode={self.reference_mode} needs the reference model's checkpoint: set "
                 f"reference.checkpoint (checkpoint.load is unset or is the save directory, which "
                 f"holds the trained model once the run has saved)")
-        reference_checkpoint_path = checkpoint
         if self.reference_mode == "precomputed":
-            fingerprint = checkpoint_fingerprint(reference_checkpoint_path)
+            fingerprint = checkpoint_fingerprint(checkpoint)
             self.reference_values = self._load_cache(
                 self.config.reference.cache or default_cache_path(self.config.data.train_prefix),
                 self.train_set, fingerprint)
@@ -235,7 +240,7 @@ class Trainer:
                 self.valid_reference_values = self._load_cache(
                     default_cache_path(self.config.data.valid_prefix), self.valid_set, fingerprint)
             return
-        self.reference_model = self._build_live_reference(reference_checkpoint_path)
+        self.reference_model = self._build_live_reference(checkpoint)
         self.reference_builder = self._builder(self.train_set, self.objective.reference_roles)
 
     def _load_cache(self, path: str, dataset, fingerprint: str) -> dict:
@@ -399,9 +404,7 @@ class Trainer:
         sampler = PreferenceSampler(len(self.valid_set), config.training.global_batch_size,
                                     self.dp_rank, self.dp_size, seed=config.training.seed,
                                     consumed_samples=0, shuffle=False)
-        builder = self._builder(self.valid_set, self.objective.policy_roles)
-        reference_builder = (self._builder(self.valid_set, self.objective.reference_roles)
-                             if self.reference_model is not None else None)
+        builder, reference_builder = self.valid_builders
         totals: dict = {}
         for index, indices in zip(range(config.training.eval_iters), sampler):
             step = builder.build(indices, config.training.global_batch_size)
