@@ -90,6 +90,11 @@ class TrainingConfig:
     logprob_chunk_size: int = 4096
     """Positions per chunk of the LM head when computing log-probs (bounds [chunk, V/TP] logits)."""
 
+    exit_duration_minutes: Optional[float] = None
+    """Wall-clock limit: after the first step that ends past this many minutes since start, save
+    and exit 0 (set it below the job's time limit, leaving time for one step and one save).
+    SIGTERM/SIGINT do the same at any time. None = no limit."""
+
 
 @dataclasses.dataclass
 class SchedulerConfig:
@@ -323,7 +328,28 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> JobConf
     try:
         return config_from_dict(apply_overrides(raw, list(overrides)))
     except ValueError as err:
+        culprit = _failing_override(raw, list(overrides), str(err))
+        if culprit is not None:
+            raise ValueError(f"command-line override {culprit}: {err}") from None
         raise ValueError(f"{path or 'config'}: {err}") from None
+
+
+def _failing_override(raw: dict, overrides: list[str], message: str) -> Optional[str]:
+    """The first override whose addition makes the config fail with ``message`` (None when the
+    file alone already does): an error caused on the command line is not blamed on the file."""
+    def error(items: list[str]) -> Optional[str]:
+        try:
+            config_from_dict(apply_overrides(raw, items))
+        except ValueError as err:
+            return str(err)
+        return None
+
+    if not overrides or error([]) == message:
+        return None
+    for count in range(1, len(overrides) + 1):
+        if error(overrides[:count]) == message:
+            return overrides[count - 1]
+    return None
 
 
 def warmup_iters(config: JobConfig) -> int:
@@ -343,6 +369,9 @@ def validate_config(config: JobConfig) -> None:
     _check_reference_overrides(config.reference.model_overrides)
     if training.train_iters < 1:
         raise ValueError(f"training.train_iters must be >= 1, got {training.train_iters}")
+    if training.exit_duration_minutes is not None and not training.exit_duration_minutes > 0:
+        raise ValueError(f"training.exit_duration_minutes must be > 0 (or null), got "
+                         f"{training.exit_duration_minutes}")
     if training.global_batch_size < 1:
         raise ValueError(f"training.global_batch_size must be >= 1, got {training.global_batch_size}")
     if data.max_tokens_per_micro_batch < 1:
@@ -365,6 +394,7 @@ def validate_config(config: JobConfig) -> None:
                          f"reference.mode=none is only for reference-free objectives")
     for name in ("optimizer", "ddp"):
         _check_megatron_fields(name, getattr(config, name))
+    _check_optimizer_numbers(config.optimizer)
     if config.parallel.virtual_pipeline_model_parallel_size and not data.fixed_length_micro_batches:
         import torch
 
@@ -392,6 +422,43 @@ def _check_reference_overrides(values: dict) -> None:
                          f"the same weights (override e.g. rotary_base or rope_scaling)")
     for key, value in values.items():
         values[key] = _check_type(f"reference.model_overrides.{key}", value, hints[key])
+
+
+# Optimizer numbers and the range each must lie in: (low, low inclusive, high, high inclusive).
+# A non-finite or negative learning rate turns the weights into NaN at the first step; torch's own
+# "Invalid learning rate" names no config field.
+_OPTIMIZER_RANGES = {
+    "lr": (0.0, True, None, False),
+    "min_lr": (0.0, True, None, False),
+    "weight_decay": (0.0, True, None, False),
+    "clip_grad": (0.0, True, None, False),
+    "adam_beta1": (0.0, True, 1.0, False),
+    "adam_beta2": (0.0, True, 1.0, False),
+    "adam_eps": (0.0, False, None, False),
+    "sgd_momentum": (0.0, True, 1.0, False),
+}
+
+
+def _check_optimizer_numbers(values: dict) -> None:
+    """The optimizer's numbers are finite and in range, refused by field name at set-up."""
+    import math
+
+    for key, (low, low_ok, high, high_ok) in _OPTIMIZER_RANGES.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"optimizer.{key}={value!r} must be a finite number")
+        too_low = value < low or (value == low and not low_ok)
+        too_high = high is not None and (value > high or (value == high and not high_ok))
+        if too_low or too_high:
+            interval = (("[" if low_ok else "(") + f"{low:g}, "
+                        + (f"{high:g}" + ("]" if high_ok else ")") if high is not None else "inf)"))
+            raise ValueError(f"optimizer.{key}={value!r} is out of range: it must lie in {interval}")
+    if values.get("min_lr") is not None and values.get("lr") is not None \
+            and values["min_lr"] > values["lr"]:
+        raise ValueError(f"optimizer.min_lr={values['min_lr']!r} is above optimizer.lr="
+                         f"{values['lr']!r}: the schedule decays from lr to min_lr")
 
 
 def _check_megatron_fields(section: str, values: dict) -> None:

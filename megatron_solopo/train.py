@@ -30,11 +30,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from megatron_solopo.cli import report_error
+
     args = parse_args(argv)
+    if not args.config:
+        report_error("--config is required: a YAML run config (e.g. examples/"
+                     "solopo_converted_single.yaml), plus section.field=value overrides")
+        return 2
     try:
         config = load_config(args.config, tuple(args.overrides))
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(str(err))
         return 2
     if args.dry_run:
         from megatron_solopo.training.planner import dry_run
@@ -42,20 +48,26 @@ def main(argv=None) -> int:
         try:
             print(dry_run(config, args.world_size))
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
+            report_error(str(err))
             return 2
         return 0
-    from megatron_solopo.training.trainer import Trainer
+    from megatron_solopo.training.trainer import Trainer, TrainingStopped
 
     trainer = Trainer(config)
     try:
         trainer.setup()
         summary = trainer.train()
     except ValueError as err:  # a user error (data, checkpoint, cache): say what to change
-        print(f"error: {err}", file=sys.stderr)
+        report_error(str(err))
         return 2
+    except TrainingStopped as err:  # diverged: nothing non-finite was saved
+        report_error(str(err))
+        return 1
     finally:
         trainer.close()
+    trainer.print_summary(summary)
+    if summary["stopped"]:
+        return 0  # a requested stop (signal, time limit) after a save: resumable, not a failure
     return 0 if summary["iterations"] >= config.training.train_iters else 1
 
 

@@ -287,6 +287,8 @@ def preprocess(
         raise ValueError(f"--workers must be >= 1, got {workers}")
     limits = LengthLimits(max_short_length, max_long_length, overlong)
     roles = tuple(sorted(set(roles), key=lambda role: role.index)) if roles else ALL_ROLES
+    output_prefix = str(output_prefix)
+    _check_output_prefix(output_prefix)  # before any tokenizing: a bad path fails in a second
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast on a bad tokenizer
     validation = validate_inputs(inputs, max_errors)
     if validation.num_invalid and not skip_invalid:
@@ -295,8 +297,8 @@ def preprocess(
     if num_valid == 0:
         raise ValueError(f"no valid record in {', '.join(inputs)}; nothing was written")
 
-    output_prefix = str(output_prefix)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output_prefix)
     tmp = f"{output_prefix}.tmp{os.getpid()}"
     rejects_path = rejects_file or f"{output_prefix}.rejects.jsonl"
     renames = {tmp + suffix: output_prefix + suffix for suffix in DATA_SUFFIXES}
@@ -308,6 +310,7 @@ def preprocess(
     bar = tqdm(total=num_valid, unit="rec", desc="tokenizing", file=sys.stderr,
                disable=not progress, mininterval=0.5, dynamic_ncols=True)
     builders = []
+    done = 0
     try:
         token_builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype, multimodal=True)
         span_builder = IndexedDatasetBuilder(tmp + SPANS_SUFFIX + ".bin", dtype=np.int32)
@@ -334,7 +337,7 @@ def preprocess(
                 bar.update(len(chunk))
                 bar.set_postfix_str(f"{stats.num_tokens / (time.perf_counter() - start):,.0f} tok/s",
                                     refresh=False)
-                done = bar.n
+                done += len(chunk)  # not bar.n: a disabled bar (--no-progress) counts nothing
                 if log_interval and done // log_interval != (done - len(chunk)) // log_interval:
                     bar.write(f"[preprocess] {done:,}/{num_valid:,} records, {stats.num_tokens:,} "
                               f"tokens, {stats.num_tokens / (time.perf_counter() - start):,.0f} "
@@ -371,6 +374,55 @@ def preprocess(
         records_without_roles=stats.without_roles, records_truncated=dict(stats.truncated),
         num_sequences=sum(stats.role_sequences.values()), num_tokens=stats.num_tokens,
         seconds=time.perf_counter() - start, output_prefix=output_prefix)
+
+
+def _check_output_prefix(output_prefix: str) -> None:
+    """``--output-prefix`` can be written: its directory exists or can be made, is not a file and
+    is writable. Checked first, so a bad path does not fail after the whole input is tokenized."""
+    directory = Path(output_prefix).parent
+    ancestor = directory
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--output-prefix {output_prefix}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-prefix {output_prefix}: {ancestor} is not writable")
+    if Path(output_prefix).is_dir():
+        raise ValueError(f"--output-prefix {output_prefix} is a directory; give a prefix such as "
+                         f"{output_prefix.rstrip('/')}/train")
+
+
+def _remove_stale_temporaries(output_prefix: str) -> None:
+    """Files ``<prefix>.tmp<pid>.*`` of a preprocess that was killed (its process is gone) are
+    removed, and said; a live process's files are left alone."""
+    import glob
+    import re
+
+    stale: dict[int, list[str]] = {}
+    for path in glob.glob(glob.escape(output_prefix) + ".tmp*"):
+        match = re.match(re.escape(output_prefix) + r"\.tmp(\d+)", path)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        stale.setdefault(pid, []).append(path)
+    for pid, paths in stale.items():
+        size = sum(os.path.getsize(path) for path in paths if os.path.isfile(path))
+        for path in paths:
+            os.remove(path)
+        print(f"[preprocess] removed {len(paths)} file(s) ({size / 2**20:.1f} MiB) left by an "
+              f"interrupted run (process {pid}): {output_prefix}.tmp{pid}.*", file=sys.stderr)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _sidecar(tokenizer, token_dtype, limits, roles, stats: _Stats, validation: Validation,

@@ -42,15 +42,20 @@ def _unknown(values: Mapping, valid: list[str], where: str) -> None:
 def _params(params_cls: type, algorithm: str, values: Mapping, where: str) -> Hyperparameters:
     values = dict(values)
     _unknown(values, parameter_names(params_cls, algorithm), where)
+    alias = None
     if "lambda" in values:
         field = _LAMBDA_FIELD[algorithm]
         if field in values:
             raise ValueError(f"{where}: give lambda or {field} (the same parameter), not both")
         values[field] = values.pop("lambda")
+        alias = field
     try:
         return params_cls(**values)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        message = str(err)
+        if alias and message.startswith(alias) and not message.startswith(f"{alias} (lambda)"):
+            message = f"lambda ({alias})" + message[len(alias):]  # the name the user wrote
+        raise ValueError(f"{where}: {message}") from None
 
 
 def _base_loss(base: str, values: Mapping, where: str):

@@ -67,15 +67,26 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
 
 def check_writable(root: Union[str, Path], field: str) -> None:
     """Every rank, before any collective: the save directory can be created and written, so a
-    read-only or wrong path stops the run at start, not at its first save."""
+    read-only or wrong path stops the run at start, not at its first save. Nothing is created
+    (the first save makes the directory): a run that fails at set-up leaves no empty directory."""
     root = Path(root)
-    probe = root / f".write-test-{os.uname().nodename}-{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{field}={root} is not writable: {err}") from None
+    if root.exists():
+        if not root.is_dir():
+            raise ValueError(f"{field}={root} is a file, not a directory")
+        probe = root / f".write-test-{os.uname().nodename}-{os.getpid()}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"{field}={root} is not writable: {err}") from None
+        return
+    ancestor = root.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{field}={root} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}={root} cannot be created: {ancestor} is not writable")
 
 
 def _displaced(directory: Path) -> Path:
@@ -194,6 +205,24 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.full_like(step, float(group["step"]))
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """The weights hold NaN/Inf: such a checkpoint is never written."""
+
+
+def weights_are_finite(model_chunks: list) -> bool:
+    """Collective: True when every rank's weights are all finite (one reduced flag)."""
+    bad = torch.zeros(())
+    for chunk in model_chunks:
+        for param in unwrap_model(chunk).parameters():
+            bad = bad.to(param.device)
+            bad = torch.maximum(bad, (~torch.isfinite(param.detach()).all()).float())
+    if torch.cuda.is_available():
+        bad = bad.cuda()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item() == 0)
+
+
 def _model_state(model_chunks) -> dict:
     return {f"chunk{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
@@ -217,6 +246,9 @@ def save_checkpoint(
     root = Path(root)
     final = checkpoint_dir(root, iteration)
     tmp = root / f".tmp-{final.name}"
+    if not weights_are_finite(model_chunks):  # before any file: a NaN model is never saved
+        raise NonFiniteWeightsError(f"not saving iteration {iteration} to {root}: the model "
+                                    f"weights hold NaN/Inf values")
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed

@@ -35,6 +35,10 @@ from megatron_solopo.training.step import forward_backward
 logger = logging.getLogger("megatron_solopo")
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (diverged: NaN/Inf); the message says what was (not) saved."""
+
+
 @dataclasses.dataclass
 class StepResult:
     metrics: dict  # global-batch means (objective metrics and "loss"); empty off the last stage
@@ -55,6 +59,8 @@ class Trainer:
         self.num_skipped = 0
         self.num_nan = 0
         self.history: list[dict] = []  # per-iteration metrics on the logging rank
+        self.start_time = time.time()  # for training.exit_duration_minutes
+        self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote
         self._log_window = self._new_log_window()  # what the next log line averages
 
     # ------------------------------------------------------------------------------------------
@@ -420,52 +426,106 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value / config.training.eval_iters
         return {f"eval/{name}": value for name, value in totals.items()}
 
-    def save(self) -> None:
+    def save(self) -> Optional[str]:
+        """Save this iteration (collective); refuses weights that are not all finite."""
         if not self.config.checkpoint.save:
-            return
+            return None
         common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "scheduler": self.scheduler.state_dict(), "num_skipped": self.num_skipped,
                   "num_nan": self.num_nan}
-        path = ckpt.save_checkpoint(self.config.checkpoint.save, self.iteration, self.model,
-                                    self.run_config, optimizer=self.optimizer, common=common)
+        try:
+            path = ckpt.save_checkpoint(self.config.checkpoint.save, self.iteration, self.model,
+                                        self.run_config, optimizer=self.optimizer, common=common)
+        except ckpt.NonFiniteWeightsError as err:
+            raise TrainingStopped(f"{err}; {self._last_checkpoint_note()}") from None
+        self.last_saved = str(path)
         if dist.get_rank() == 0:
             print(f"[megatron-solopo] saved checkpoint {path}", flush=True)
+        return self.last_saved
+
+    def _last_checkpoint_note(self) -> str:
+        if self.last_saved:
+            return f"the last checkpoint this run saved is {self.last_saved}"
+        if self.load_path:
+            return f"this run saved no checkpoint; it started from {self.load_path}"
+        return "this run saved no checkpoint"
 
     def train(self) -> dict:
+        from megatron_solopo.training.signals import StopConditions
+
         config = self.config
         first_step = True
         consecutive_skips = 0
-        start_iteration = self.iteration
+        start_iteration = saved_iteration = self.iteration
+        stopped = None
         if self.iteration >= config.training.train_iters and dist.get_rank() == 0:
             print(f"[megatron-solopo] nothing to train: the checkpoint is at iteration "
                   f"{self.iteration}, training.train_iters={config.training.train_iters}",
                   flush=True)
-        while self.iteration < config.training.train_iters:
-            result = self.train_step()
-            if result.skipped:
-                self.num_skipped += 1
-                self.num_nan += 1
-                consecutive_skips += 1
-                if consecutive_skips >= config.training.max_consecutive_skipped_steps:
-                    raise RuntimeError(
-                        f"{consecutive_skips} consecutive steps had a NaN/Inf loss or gradient "
-                        f"(iteration {self.iteration}); stopping. Lower the learning rate or check "
-                        f"the data; the last good checkpoint is untouched")
-            else:
-                consecutive_skips = 0
-            self._log(result, first_step)
-            first_step = False
-            if (config.training.eval_interval and self.iteration % config.training.eval_interval == 0
-                    and self.valid_set is not None):
-                self._log_eval(self.evaluate())
-            if (config.checkpoint.save_interval and self.iteration % config.checkpoint.save_interval == 0
-                    and self.iteration < config.training.train_iters):
-                self.save()
-        if self.iteration > start_iteration:
+        stop = StopConditions(config.training.exit_duration_minutes, self.start_time)
+        try:
+            while self.iteration < config.training.train_iters:
+                result = self.train_step()
+                if result.skipped:
+                    self.num_skipped += 1
+                    self.num_nan += 1
+                    consecutive_skips += 1
+                    if consecutive_skips >= config.training.max_consecutive_skipped_steps:
+                        raise TrainingStopped(
+                            f"{consecutive_skips} consecutive steps had a NaN/Inf loss or gradient "
+                            f"(iteration {self.iteration}); stopping without saving. Lower the "
+                            f"learning rate or check the data; {self._last_checkpoint_note()}")
+                else:
+                    consecutive_skips = 0
+                self._log(result, first_step)
+                first_step = False
+                if (config.training.eval_interval and self.iteration % config.training.eval_interval == 0
+                        and self.valid_set is not None):
+                    self._log_eval(self.evaluate())
+                if (config.checkpoint.save_interval and self.iteration % config.checkpoint.save_interval == 0
+                        and self.iteration < config.training.train_iters):
+                    self.save()
+                    saved_iteration = self.iteration
+                if stop.should_stop():  # every rank: the step in flight is done
+                    stopped = stop.local_reason() or "another rank received a signal or reached " \
+                                                     "training.exit_duration_minutes"
+                    break
+        finally:
+            stop.release()
+        if self.iteration > saved_iteration:
             self.save()
+        if stopped and dist.get_rank() == 0:
+            where = (f"saved iteration {self.iteration} in {config.checkpoint.save}; the same "
+                     f"command resumes it" if config.checkpoint.save else
+                     "checkpoint.save is not set: nothing saved")
+            print(f"[megatron-solopo] {stopped}: stopped after iteration {self.iteration}, "
+                  f"{where}", flush=True)
         self.writers.close()
         return {"iterations": self.iteration, "history": self.history,
-                "num_skipped": self.num_skipped}
+                "num_skipped": self.num_skipped, "stopped": stopped,
+                "start_iteration": start_iteration}
+
+    def print_summary(self, summary: dict) -> None:
+        """The run's last lines (logging rank): what was trained, where it is, what next."""
+        if not self.is_logging_rank:
+            return
+        config = self.config
+        steps = [row for row in summary["history"] if not row.get("eval")]
+        lines = [f"[megatron-solopo] summary: iterations {summary['start_iteration']} -> "
+                 f"{summary['iterations']} of {config.training.train_iters}"
+                 + (f" ({summary['stopped']})" if summary["stopped"] else "")
+                 + f", skipped (NaN/Inf) {summary['num_skipped']}, wall time "
+                 f"{time.time() - self.start_time:.0f} s"]
+        if steps and "loss" in steps[0] and "loss" in steps[-1]:
+            lines.append(f"  loss {steps[0]['loss']:.4f} (iteration {steps[0]['iteration']}) -> "
+                         f"{steps[-1]['loss']:.4f} (iteration {steps[-1]['iteration']})")
+        if self.last_saved:
+            lines.append(f"  checkpoint: {self.last_saved}")
+            lines.append(f"  next: python tools/convert_checkpoint.py megatron-to-hf --megatron-dir "
+                         f"{config.checkpoint.save} --output <new HF directory>")
+        elif not config.checkpoint.save:
+            lines.append("  checkpoint: none (checkpoint.save is not set)")
+        print("\n".join(lines), flush=True)
 
     def _log(self, result: StepResult, first_step: bool) -> None:
         config = self.config
