@@ -56,7 +56,8 @@ class ReferenceConfig:
     reference, else ``none``. ``live`` runs a frozen copy of the starting model in the job."""
 
     cache: Optional[str] = None
-    """Precomputed cache (tools/precompute_reference.py); default ``<data.train_prefix>.reference.npz``."""
+    """Precomputed cache of the training set (tools/precompute_reference.py); default
+    ``<data.train_prefix>.reference-<key>.npz``, keyed by the reference roles and settings."""
 
     checkpoint: Optional[str] = None
     """The frozen reference model; default ``checkpoint.load`` (the starting point), unless that is

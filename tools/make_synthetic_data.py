@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                         help="also write a tiny Hugging Face tokenizer (with a chat template) here")
     args = parser.parse_args(argv)
     try:
+        if args.num_records < 1:
+            raise ValueError(f"--num-records must be >= 1, got {args.num_records}")
+        _check_output(args.output)
         sp_model = (synthetic.train_sentencepiece_tokenizer(args.tokenizer_dir, args.vocab_size)
                     if args.tokenizer_dir else None)
         if sp_model:
@@ -56,12 +59,35 @@ def main(argv=None) -> int:
             print(f"{args.long_length} tokens of {tokenizer.name} ~ {long_length} words")
         records = synthetic.generate_records(args.task, args.num_records, seed=args.seed,
                                              long_length=long_length, num_turns=args.num_turns)
+        shortest = min(len(record["long_context"].split()) for record in records)
+        if shortest > 2 * long_length:
+            raise ValueError(f"--long-length {args.long_length}: {args.task} cannot make long "
+                             f"contexts that short (the shortest it made has {shortest} words: the "
+                             f"relevant documents plus distractors); use at least {shortest} words")
+        synthetic.write_jsonl(records, args.output)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    synthetic.write_jsonl(records, args.output)
+    except OSError as err:
+        print(f"error: --output {args.output}: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {len(records)} {args.task} records to {args.output}")
     return 0
+
+
+def _check_output(output: str) -> None:
+    """--output can be written (checked before any work)."""
+    from pathlib import Path
+
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {output} is a directory; give a file name such as "
+                         f"{output.rstrip('/')}/train.jsonl")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--output {output}: {ancestor} is a file, not a directory")
 
 
 if __name__ == "__main__":

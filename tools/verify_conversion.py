@@ -26,9 +26,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from megatron_solopo.convert import verify
 
+    from pathlib import Path
+
     try:
+        if not (Path(args.hf_dir) / "config.json").is_file():
+            raise ValueError(f"--hf-dir {args.hf_dir}: no Hugging Face model there (no "
+                             f"config.json); give a local model directory")
         prompts = verify.DEFAULT_PROMPTS
         if args.prompts_file:
+            if not Path(args.prompts_file).is_file():
+                raise ValueError(f"--prompts-file {args.prompts_file} does not exist")
             with open(args.prompts_file) as handle:
                 prompts = [line.rstrip("\n") for line in handle if line.strip()]
             if not prompts:
@@ -38,9 +45,11 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"per-token log-probs, Hugging Face vs Megatron: {result}")
-    if result.max_abs_diff > args.tolerance:
-        print(f"FAILED: max abs diff above --tolerance {args.tolerance}", file=sys.stderr)
+    if not result.max_abs_diff <= args.tolerance:  # NaN fails too
+        print(f"FAIL: max abs diff {result.max_abs_diff:.3e} is above --tolerance "
+              f"{args.tolerance:g}", file=sys.stderr)
         return 1
+    print(f"PASS: max abs diff {result.max_abs_diff:.3e} <= --tolerance {args.tolerance:g}")
     return 0
 
 

@@ -45,6 +45,20 @@ def _tokenizer_source(run_config: dict, checkpoint: Path, tokenizer_dir: Optiona
     return None
 
 
+def _read_finite(directory: Path, key: str, saved: dict) -> torch.Tensor:
+    """One whole weight; a missing or truncated shard file, or NaN/Inf values, refused by name."""
+    try:
+        whole = load_whole(directory, key, saved)
+    except Exception as err:  # EOFError, FileNotFoundError, CheckpointingException, ...
+        raise ValueError(f"{directory}: cannot read weight {key!r} ({type(err).__name__}: "
+                         f"{err}); a shard file is missing or damaged") from None
+    if whole.is_floating_point() and not bool(torch.isfinite(whole).all()):
+        count = int((~torch.isfinite(whole)).sum())
+        raise ValueError(f"{directory}: weight {key!r} holds {count} NaN/Inf value(s) of "
+                         f"{whole.numel()}; refusing to export a diverged checkpoint")
+    return whole
+
+
 def _by_key(entries: list) -> dict[str, list]:
     """Canonical entries grouped by key, keys in first-appearance (Hugging Face file) order."""
     groups: dict[str, list] = {}
@@ -75,7 +89,11 @@ def megatron_to_hf(megatron_dir: Union[str, Path], output: Union[str, Path], *,
     tokenizer = _tokenizer_source(run_config, directory, tokenizer_dir)
     output = Path(output).resolve()
     with single_process_group(), torch.no_grad():
-        saved = checkpoint_tensors(directory)
+        try:
+            saved = checkpoint_tensors(directory)
+        except Exception as err:  # megatron/torch raise many types for a damaged metadata file
+            raise ValueError(f"{directory}: cannot read the checkpoint's metadata "
+                             f"({type(err).__name__}: {err})") from None
         if EMBEDDING not in saved:
             raise ValueError(f"{directory}: no {EMBEDDING!r}; not a GPT model checkpoint")
         padded_rows = saved[EMBEDDING].global_shape[0]
@@ -88,10 +106,13 @@ def megatron_to_hf(megatron_dir: Union[str, Path], output: Union[str, Path], *,
         if target not in DTYPE_NAMES:
             raise ValueError(f"{directory}: weights are {target}; pass --dtype (one of {', '.join(DTYPES)})")
         config = hf_config_from_model(model, run_config.get("hf"), DTYPE_NAMES[target])
+        for name in ("id2label", "label2id"):  # classification fields the source did not have
+            if name not in (run_config.get("hf") or {}):
+                config.pop(name, None)
         with atomic_output_dir(output) as tmp:
             writer = ShardedSafetensorsWriter(tmp, max_bytes)
             for key, key_entries in _by_key(entries).items():
-                whole = load_whole(directory, key, saved)  # [L, ...] for layer keys
+                whole = _read_finite(directory, key, saved)  # [L, ...] for layer keys
                 for entry in key_entries:
                     part = whole if entry.layer is None else whole[entry.layer]
                     for name, tensor in from_canonical(entry, part, model):
@@ -104,4 +125,12 @@ def megatron_to_hf(megatron_dir: Union[str, Path], output: Union[str, Path], *,
             else:
                 print(f"[convert] no tokenizer found for {directory} (pass --tokenizer-dir); the "
                       f"output has weights and config.json only", file=sys.stderr)
+    source_dtype = (run_config.get("hf") or {}).get("torch_dtype") or \
+        (run_config.get("hf") or {}).get("dtype")
+    note = "" if dtype else " (the checkpoint's own; --dtype casts)"
+    if source_dtype and source_dtype != DTYPE_NAMES[target]:
+        note += f"; the original Hugging Face model was {source_dtype}"
+    what = "converted release" if directory.name == ckpt.RELEASE else \
+        f"iteration {int(directory.name.split('_')[-1])}"
+    print(f"[convert] {directory} ({what}) -> {output}: {DTYPE_NAMES[target]}{note}", flush=True)
     return output

@@ -171,7 +171,28 @@ class PreferenceDataset:
             raise ValueError(f"dataset {self.path_prefix}: tokenizer vocabulary {described['vocab_size']}"
                              f" in the sidecar, {vocab_size} given")
 
-    def check_compatible(self, tokenizer_model: Optional[str], model_vocab_size: int) -> None:
+    def _tokenizer_mismatch(self, tokenizer_model: str, source: str) -> str:
+        """Why the run's tokenizer cannot even be loaded as the dataset's kind, in config terms."""
+        described = self.metadata["tokenizer"]
+        path = Path(tokenizer_model)
+        made_with = (f"dataset {self.path_prefix} was made with the {described['type']} "
+                     f"{described['name']}")
+        if not path.exists():
+            return (f"{source}={tokenizer_model} does not exist; {made_with}: point {source} at "
+                    f"that tokenizer (a placeholder path in an example config must be replaced)")
+        if path.is_dir() and any((path / name).exists() for name in
+                                 ("tokenizer.json", "tokenizer_config.json")):
+            kind = "a Hugging Face tokenizer directory"
+        elif path.is_file() and path.suffix == ".model":
+            kind = "a SentencePiece model file"
+        else:
+            kind = "neither a SentencePiece .model file nor a Hugging Face tokenizer directory"
+        return (f"the dataset and the model use different tokenizers: {made_with}, but {source}="
+                f"{tokenizer_model} is {kind}; re-run tools/preprocess_data.py with the model's "
+                f"tokenizer, or set {source} to the dataset's")
+
+    def check_compatible(self, tokenizer_model: Optional[str], model_vocab_size: int,
+                         source: str = "tokenizer.tokenizer_model") -> None:
         """Refuse a dataset made with another tokenizer, or with ids the model cannot embed.
 
         - ``tokenizer_model``: the run's tokenizer (config ``tokenizer.tokenizer_model``, loaded
@@ -186,7 +207,10 @@ class PreferenceDataset:
         if tokenizer_model:
             from megatron_solopo.data.tokenizers import build_tokenizer
 
-            tokenizer = build_tokenizer(described["type"], tokenizer_model)
+            try:
+                tokenizer = build_tokenizer(described["type"], tokenizer_model)
+            except ValueError:
+                raise ValueError(self._tokenizer_mismatch(tokenizer_model, source)) from None
             if tokenizer.fingerprint() != described["fingerprint"]:
                 raise ValueError(
                     f"dataset {self.path_prefix} was tokenized with {described['name']} "

@@ -136,8 +136,10 @@ def resolve_model_config(config, start_run_config: dict, dataset, *,
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=int(dataset.metadata["vocab_size"]))
     tokenizer = run_tokenizer(config, start_run_config, start_path)
+    source = ("tokenizer.tokenizer_model" if config.tokenizer.tokenizer_model else
+              f"the starting checkpoint's tokenizer ({start_path})")
     for each in (dataset, *datasets):
-        each.check_compatible(tokenizer, model.vocab_size)
+        each.check_compatible(tokenizer, model.vocab_size, source)
     return model
 
 

@@ -3,7 +3,9 @@
 ``torchrun ... tools/precompute_reference.py --config run.yaml`` runs the run's reference model
 (``reference.checkpoint``, default ``checkpoint.load``, with ``reference.model_overrides``) over
 every record of the training set (and the validation set, if any) for the objective's reference
-roles, and writes ``<prefix>.reference.npz`` beside each dataset.
+roles, and writes ``<prefix>.reference-<key>.npz`` beside each dataset (the key: a short hash
+of the reference roles, checkpoint and ``reference.model_overrides``, so the caches of runs with
+other objectives or reference models on the same data coexist).
 
 A target whose cache is already fresh is skipped (a requeued job does not redo the pass): fresh
 means that training would accept it (same reference checkpoint fingerprint, same dataset, every
@@ -85,8 +87,8 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
     from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
     from megatron_solopo.training.reference import (ReferenceCache, build_frozen_model,
                                                     checkpoint_fingerprint,
-                                                    compute_reference_logps, default_cache_path,
-                                                    gather_values)
+                                                    compute_reference_logps, gather_values,
+                                                    run_cache_path)
 
     objective = resolved_objective(config)
     mode = reference_mode(config)
@@ -110,10 +112,11 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
     model_config = dataclasses.replace(model_config, **config.reference.model_overrides)
     initialize_distributed(config.parallel, model=model_config, seed=config.training.seed)
     roles = objective.reference_roles
-    targets = [(config.data.train_prefix, output or config.reference.cache
-                or default_cache_path(config.data.train_prefix))]
+    targets = [(config.data.train_prefix,
+                output or run_cache_path(config, config.data.train_prefix, roles))]
     if config.data.valid_prefix:
-        targets.append((config.data.valid_prefix, default_cache_path(config.data.valid_prefix)))
+        targets.append((config.data.valid_prefix,
+                        run_cache_path(config, config.data.valid_prefix, roles)))
     datasets = {prefix: train_set if prefix == config.data.train_prefix else PreferenceDataset(prefix)
                 for prefix, _ in targets}
 

@@ -22,11 +22,44 @@ import torch.distributed as dist
 
 from megatron_solopo.roles import ALL_ROLES, Role
 
-CACHE_SUFFIX = ".reference.npz"
+CACHE_SUFFIX = ".reference.npz"  # the name before caches were keyed (still read)
 
 
-def default_cache_path(data_prefix: str) -> str:
-    return data_prefix + CACHE_SUFFIX
+def default_cache_path(data_prefix: str, roles: Sequence[Role] = (), settings: Optional[dict] = None
+                       ) -> str:
+    """``<prefix>.reference-<key>.npz``: the key is a short hash of the reference roles and the
+    reference settings (its checkpoint path, ``reference.model_overrides``), so caches for other
+    objectives or reference models of the same dataset sit side by side (a LongPO run does not
+    overwrite a SoLoPO run's cache). Staleness (same path, other content) is still checked by
+    fingerprint when the cache is read. Without roles: the unkeyed name older versions wrote."""
+    if not roles:
+        return data_prefix + CACHE_SUFFIX
+    key = json.dumps({"roles": sorted(role.value for role in roles), "settings": settings or {}},
+                     sort_keys=True, default=str)
+    return f"{data_prefix}.reference-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz"
+
+
+def run_cache_path(config, data_prefix: str, roles: Sequence[Role]) -> str:
+    """The cache a run reads and tools/precompute_reference.py writes for ``data_prefix``:
+    ``reference.cache`` for the training set when set, else the keyed default."""
+    from megatron_solopo.config import reference_checkpoint
+
+    if data_prefix == config.data.train_prefix and config.reference.cache:
+        return config.reference.cache
+    checkpoint = reference_checkpoint(config)
+    settings = {"checkpoint": os.path.realpath(checkpoint) if checkpoint else None,
+                "model_overrides": config.reference.model_overrides}
+    return default_cache_path(data_prefix, roles, settings)
+
+
+def cache_to_read(config, data_prefix: str, roles: Sequence[Role]) -> str:
+    """:func:`run_cache_path`, or the unkeyed ``<prefix>.reference.npz`` of an older version when
+    only that exists (it is checked like any cache)."""
+    path = run_cache_path(config, data_prefix, roles)
+    legacy = default_cache_path(data_prefix)
+    if not Path(path).exists() and not config.reference.cache and Path(legacy).exists():
+        return legacy
+    return path
 
 
 def checkpoint_fingerprint(path: str) -> str:
@@ -82,9 +115,16 @@ class ReferenceCache:
     def load(cls, path: str) -> "ReferenceCache":
         if not Path(path).exists():
             raise ValueError(f"reference cache {path} does not exist; compute it with "
-                             f"tools/precompute_reference.py (or set reference.mode=live)")
-        with np.load(path, allow_pickle=True) as data:
-            return cls(data["logps"], list(data["record_ids"]), json.loads(str(data["metadata"])))
+                             f"tools/precompute_reference.py and the same config and overrides "
+                             f"(or set reference.mode=live)")
+        try:
+            with np.load(path, allow_pickle=True) as data:
+                return cls(data["logps"], list(data["record_ids"]),
+                           json.loads(str(data["metadata"])))
+        except Exception as err:  # truncated, foreign or damaged: np/zipfile/pickle errors
+            raise ValueError(f"reference cache {path} cannot be read ({type(err).__name__}: "
+                             f"{err}); recompute it with tools/precompute_reference.py "
+                             f"--force") from None
 
     def problem(self, *, fingerprint: str, dataset_metadata: dict,
                 roles: Sequence[Role]) -> Optional[str]:

@@ -223,8 +223,7 @@ class Trainer:
                     use_distributed_optimizer=bool(self.config.optimizer.get("use_distributed_optimizer")))
 
     def _setup_reference(self) -> None:
-        from megatron_solopo.training.reference import (checkpoint_fingerprint,
-                                                        default_cache_path)
+        from megatron_solopo.training.reference import cache_to_read, checkpoint_fingerprint
 
         self.reference_values = None
         self.valid_reference_values = None
@@ -239,12 +238,14 @@ class Trainer:
                 f"holds the trained model once the run has saved)")
         if self.reference_mode == "precomputed":
             fingerprint = checkpoint_fingerprint(checkpoint)
+            roles = self.objective.reference_roles
             self.reference_values = self._load_cache(
-                self.config.reference.cache or default_cache_path(self.config.data.train_prefix),
+                cache_to_read(self.config, self.config.data.train_prefix, roles),
                 self.train_set, fingerprint)
             if self.valid_set is not None:
                 self.valid_reference_values = self._load_cache(
-                    default_cache_path(self.config.data.valid_prefix), self.valid_set, fingerprint)
+                    cache_to_read(self.config, self.config.data.valid_prefix, roles),
+                    self.valid_set, fingerprint)
             return
         self.reference_model = self._build_live_reference(checkpoint)
         self.reference_builder = self._builder(self.train_set, self.objective.reference_roles)

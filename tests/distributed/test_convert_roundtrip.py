@@ -186,4 +186,4 @@ def test_verify_tool_passes_a_conversion_and_fails_a_wrong_one(tmp_path, capsys)
     prompts.write_text("Alice met Bob in Paris.\nThe answer is forty two.\n")
     assert tool.main(["--hf-dir", str(other), "--megatron-dir", str(tmp_path / "megatron"),
                       "--prompts-file", str(prompts)]) == 1
-    assert "FAILED" in capsys.readouterr().err
+    assert "FAIL: max abs diff" in capsys.readouterr().err

@@ -40,7 +40,12 @@ def setup(tmp_path_factory):
     raw = base_config(paths, str(root))
     raw["data"]["valid_prefix"] = paths["valid"]
     run_distributed(write_initial, 1, raw, paths["init"])
-    caches = [paths["train"] + ".reference.npz", paths["valid"] + ".reference.npz"]
+    from megatron_solopo.config import config_from_dict, resolved_objective
+    from megatron_solopo.training.reference import run_cache_path
+
+    config = config_from_dict(raw)
+    roles = resolved_objective(config).reference_roles
+    caches = [run_cache_path(config, paths[split], roles) for split in ("train", "valid")]
     return raw, caches, root
 
 
