@@ -24,6 +24,10 @@ def parse_args(argv=None):
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: the world size to check (default: WORLD_SIZE or "
                              "SLURM_NTASKS or 1)")
+    parser.add_argument("--hf-config", default=None,
+                        help="with --dry-run: take the model from this Hugging Face config.json "
+                             "(or its directory) instead of the starting checkpoint, which need "
+                             "not exist yet")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     # intermixed: dotted overrides may come before or after --dry-run/--world-size
     return parser.parse_intermixed_args(argv)
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
         from megatron_solopo.training.planner import dry_run
 
         try:
-            print(dry_run(config, args.world_size))
+            print(dry_run(config, args.world_size, args.hf_config))
         except ValueError as err:
             report_error(str(err))
             return 2

@@ -29,10 +29,23 @@ def _world_size(explicit: Optional[int]) -> int:
     return 1
 
 
-def _model_for_plan(config: JobConfig):
+def _model_for_plan(config: JobConfig, hf_config: Optional[str] = None):
+    """The model to plan for: from ``hf_config`` (a Hugging Face ``config.json`` or its
+    directory) when given, else the starting checkpoint's run_config.yaml, else the config's
+    model section; the model fields the config sets go on top in every case."""
     from megatron_solopo.training.model_setup import merged_model_config, starting_checkpoint
 
-    model = merged_model_config(config, starting_checkpoint(config)[1])
+    if hf_config:
+        model = merged_model_config(config, {"model": dataclasses.asdict(_hf_model(hf_config))})
+    else:
+        try:
+            start = starting_checkpoint(config)[1]
+        except ValueError as err:
+            raise ValueError(f"{err}. A dry run needs only the model's shape: pass --hf-config "
+                             f"<Hugging Face model directory or config.json> (the model the "
+                             f"checkpoint is or will be converted from), or set the model "
+                             f"section") from None
+        model = merged_model_config(config, start)
     if model.vocab_size == 0 and config.data.train_prefix:
         import json
 
@@ -44,6 +57,20 @@ def _model_for_plan(config: JobConfig):
         raise ValueError("model.vocab_size is unknown: set it, or point data.train_prefix at a "
                          "preprocessed dataset")
     return model
+
+
+def _hf_model(path: str):
+    from pathlib import Path
+
+    from megatron_solopo.convert.hf_config import model_config_from_hf
+    from megatron_solopo.convert.hf_io import read_json
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    if not file.is_file():
+        raise ValueError(f"--hf-config {path}: no config.json there")
+    return model_config_from_hf(read_json(file), str(file))
 
 
 def stage_parameters(config: JobConfig, model, padded_vocab: int) -> int:
@@ -63,8 +90,9 @@ def stage_parameters(config: JobConfig, model, padded_vocab: int) -> int:
     return int(max(first, last))
 
 
-def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
-    model = _model_for_plan(config)
+def dry_run(config: JobConfig, world_size: Optional[int] = None,
+            hf_config: Optional[str] = None) -> str:
+    model = _model_for_plan(config, hf_config)
     parallel = config.parallel
     world = _world_size(world_size)
     dp = validate_parallel_layout(parallel, world, num_layers=model.num_layers,
