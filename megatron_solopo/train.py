@@ -58,17 +58,19 @@ def main(argv=None) -> int:
     from megatron_solopo.training.trainer import Trainer, TrainingStopped
 
     trainer = Trainer(config)
+    failure = None
     try:
         trainer.setup()
         summary = trainer.train()
     except ValueError as err:  # a user error (data, checkpoint, cache): say what to change
-        report_error(str(err))
-        return 2
+        failure = (str(err), 2)
     except TrainingStopped as err:  # diverged: nothing non-finite was saved
-        report_error(str(err))
-        return 1
+        failure = (str(err), 1)
     finally:
         trainer.close()
+    if failure is not None:  # after close: rank 0 then exits at once (see report_error)
+        report_error(failure[0])
+        return failure[1]
     trainer.print_summary(summary)
     if summary["stopped"]:
         return 0  # a requested stop (signal, time limit) after a save: resumable, not a failure
@@ -76,4 +78,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_solopo.cli import exit_process
+
+    exit_process(main())

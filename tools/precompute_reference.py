@@ -47,4 +47,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_solopo.cli import exit_process
+
+    exit_process(main())
