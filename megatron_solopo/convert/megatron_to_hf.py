@@ -45,13 +45,23 @@ def _tokenizer_source(run_config: dict, checkpoint: Path, tokenizer_dir: Optiona
     return None
 
 
+def _last_line(err: BaseException) -> str:
+    """The cause at the end of an error that embeds tracebacks (torch's CheckpointException)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def _read_finite(directory: Path, key: str, saved: dict) -> torch.Tensor:
     """One whole weight; a missing or truncated shard file, or NaN/Inf values, refused by name."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         whole = load_whole(directory, key, saved)
-    except Exception as err:  # EOFError, FileNotFoundError, CheckpointingException, ...
+    # EOFError, FileNotFoundError, megatron's CheckpointingException, and torch's
+    # CheckpointException (a BaseException) that wraps each rank's traceback.
+    except (Exception, CheckpointException) as err:
         raise ValueError(f"{directory}: cannot read weight {key!r} ({type(err).__name__}: "
-                         f"{err}); a shard file is missing or damaged") from None
+                         f"{_last_line(err)}); a shard file is missing or damaged") from None
     if whole.is_floating_point() and not bool(torch.isfinite(whole).all()):
         count = int((~torch.isfinite(whole)).sum())
         raise ValueError(f"{directory}: weight {key!r} holds {count} NaN/Inf value(s) of "
@@ -93,7 +103,7 @@ def megatron_to_hf(megatron_dir: Union[str, Path], output: Union[str, Path], *,
             saved = checkpoint_tensors(directory)
         except Exception as err:  # megatron/torch raise many types for a damaged metadata file
             raise ValueError(f"{directory}: cannot read the checkpoint's metadata "
-                             f"({type(err).__name__}: {err})") from None
+                             f"({type(err).__name__}: {_last_line(err)})") from None
         if EMBEDDING not in saved:
             raise ValueError(f"{directory}: no {EMBEDDING!r}; not a GPT model checkpoint")
         padded_rows = saved[EMBEDDING].global_shape[0]

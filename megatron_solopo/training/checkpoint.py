@@ -209,18 +209,37 @@ class NonFiniteWeightsError(RuntimeError):
     """The weights hold NaN/Inf: such a checkpoint is never written."""
 
 
-def weights_are_finite(model_chunks: list) -> bool:
-    """Collective: True when every rank's weights are all finite (one reduced flag)."""
+def state_is_finite(model_state: dict) -> bool:
+    """Collective: True when every rank's tensors in ``model_state`` (a sharded state dict) are
+    all finite: one reduced flag."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     bad = torch.zeros(())
-    for chunk in model_chunks:
-        for param in unwrap_model(chunk).parameters():
-            bad = bad.to(param.device)
-            bad = torch.maximum(bad, (~torch.isfinite(param.detach()).all()).float())
+
+    def visit(value) -> None:
+        nonlocal bad
+        if isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, ShardedTensor) and value.data is not None \
+                and value.data.is_floating_point():
+            bad = bad.to(value.data.device)
+            bad = torch.maximum(bad, (~torch.isfinite(value.data.detach()).all()).float())
+
+    visit(model_state)
     if torch.cuda.is_available():
         bad = bad.cuda()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bool(bad.item() == 0)
+
+
+def weights_are_finite(model_chunks: list) -> bool:
+    """Collective: :func:`state_is_finite` of the model chunks' weights."""
+    return state_is_finite(_model_state(model_chunks))
 
 
 def _model_state(model_chunks) -> dict:
@@ -246,7 +265,8 @@ def save_checkpoint(
     root = Path(root)
     final = checkpoint_dir(root, iteration)
     tmp = root / f".tmp-{final.name}"
-    if not weights_are_finite(model_chunks):  # before any file: a NaN model is never saved
+    state: dict[str, Any] = {"model": _model_state(model_chunks)}
+    if not state_is_finite(state["model"]):  # before any file: a NaN model is never saved
         raise NonFiniteWeightsError(f"not saving iteration {iteration} to {root}: the model "
                                     f"weights hold NaN/Inf values")
     if _rank() == 0:
@@ -254,7 +274,6 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
         tmp.mkdir()
     _barrier()
-    state: dict[str, Any] = {"model": _model_state(model_chunks)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=False, metadata=_optimizer_metadata(optimizer, optimizer_metadata))

@@ -144,11 +144,11 @@ def write_poisoned_checkpoint(raw: dict, output: str) -> None:
         with torch.no_grad():
             chunks[0].decoder.layers[0].mlp.linear_fc2.weight.view(-1)[3] = float("inf")
         assert not ckpt.weights_are_finite(chunks)
-        check, ckpt.weights_are_finite = ckpt.weights_are_finite, lambda chunks: True
+        check, ckpt.state_is_finite = ckpt.state_is_finite, lambda state: True
         try:
             return real_save(root, iteration, chunks, run_config, **kwargs)
         finally:
-            ckpt.weights_are_finite = check
+            ckpt.state_is_finite = check
 
     ckpt.save_checkpoint = poisoned
     try:
