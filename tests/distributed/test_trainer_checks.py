@@ -226,7 +226,7 @@ def test_unwritable_save_directory_stops_the_run_at_set_up(setup, tmp_path):
     save = tmp_path / "a-file" / "run"
     raw = base_config(paths, str(root), checkpoint={"save": str(save)})
     (message,) = run_distributed(train_error, 1, raw)
-    assert f"checkpoint.save={save} is not writable" in message
+    assert f"checkpoint.save={save} cannot be created: {tmp_path / 'a-file'} is a file" in message
 
 
 def test_resume_notes_a_finished_run_and_a_changed_data_order(setup, tmp_path):
