@@ -5,6 +5,7 @@ decision (DP=2 here)."""
 import copy
 import io
 import os
+import shutil
 from contextlib import redirect_stdout
 
 import numpy as np
@@ -74,12 +75,23 @@ def test_fresh_cache_is_skipped_forced_or_new_checkpoint_recomputes(setup):
     assert [snapshot(path)[0] for path in caches] != [mtime for mtime, _ in before]
     np.testing.assert_allclose(ReferenceCache.load(caches[0]).logps, original.logps, rtol=1e-6)
 
-    # Another reference checkpoint (other seed): recomputed, with the new fingerprint.
+    # Another reference checkpoint (other seed, other path): caches of its own beside these,
+    # which stay as they are (a run with the first reference still finds its caches).
+    forced_snapshots = [snapshot(path) for path in caches]
     other = copy.deepcopy(raw)
     other["training"]["seed"] = raw["training"]["seed"] + 1
     other["reference"]["checkpoint"] = other["checkpoint"]["load"] = str(root / "init_other")
     run_distributed(write_initial, 1, other, str(root / "init_other"))
-    changed = run_distributed(run_precompute, 2, other)
+    beside = run_distributed(run_precompute, 2, other)
+    assert beside[0]["output"].count("computing (no cache yet)") == 2, beside[0]["output"]
+    assert not set(beside[0]["paths"]) & set(caches)
+    assert [snapshot(path) for path in caches] == forced_snapshots
+
+    # The same path now holding other weights (e.g. converted again): stale by fingerprint,
+    # recomputed with the new one.
+    shutil.rmtree(raw["checkpoint"]["load"])
+    shutil.copytree(root / "init_other", raw["checkpoint"]["load"])
+    changed = run_distributed(run_precompute, 2, raw)
     assert changed[0]["output"].count("computing (computed from another checkpoint") == 2, \
         changed[0]["output"]
     recomputed = ReferenceCache.load(caches[0])
