@@ -8,7 +8,6 @@ memory estimate per GPU, without starting any process group.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from megatron_solopo.config import load_config
 

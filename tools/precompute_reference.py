@@ -14,7 +14,6 @@ reference.mode=live) prints so and exits 0.
 """
 
 import argparse
-import sys
 
 from megatron_solopo.config import load_config
 

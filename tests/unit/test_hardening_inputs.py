@@ -206,7 +206,7 @@ def test_preprocess_removes_a_killed_runs_temporaries(tmp_path, tokenizers, caps
     preprocess([str(inputs)], str(prefix), SP, tokenizers[SP])
     assert not any(path.exists() for path in leftovers) and alive.exists()
     err = capsys.readouterr().err
-    assert f"removed 3 file(s)" in err and f"(process {dead.pid}): {prefix}.tmp{dead.pid}.*" in err
+    assert "removed 3 file(s)" in err and f"(process {dead.pid}): {prefix}.tmp{dead.pid}.*" in err
 
 
 # -- 9. progress lines without a TTY ------------------------------------------------------------
