@@ -150,7 +150,24 @@ def main(argv=None) -> int:
         print(f"  {key:<30s} {value:.4f}")
     print(f"  elapsed:              {summary['elapsed_seconds']} s")
     print(f"  checkpoints:          {workdir / 'checkpoints'}")
+    print(what_next(workdir))
     return 0
+
+
+def what_next(workdir: Path) -> str:
+    """The demo's last lines: where to go from here, with commands that work as printed."""
+    return "\n".join([
+        "",
+        "[demo] what next",
+        f"  metrics per step:     {workdir / 'metrics.jsonl'} (TensorBoard: "
+        f"tensorboard --logdir {workdir / 'tensorboard'})",
+        f"  export to HF:         python tools/convert_checkpoint.py megatron-to-hf "
+        f"--megatron-dir {workdir / 'checkpoints'} --output {workdir / 'hf'}",
+        "  your own model:       README.md, 'Workflow: convert, train, convert back'; on one CPU "
+        "or GPU: examples/solopo_converted_single.yaml",
+        "  other objectives:     docs/objectives.md (e.g. python -m megatron_solopo.demo "
+        "objective.alpha=0 for plain DPO on the short context)",
+    ])
 
 
 if __name__ == "__main__":

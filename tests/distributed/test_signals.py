@@ -170,3 +170,28 @@ def test_megatron_to_hf_refuses_non_finite_weights(setup, tmp_path, capsys):
     assert re.search(r"error: .*release: weight 'decoder\.layers\.mlp\.linear_fc2\.weight' holds "
                      r"1 NaN/Inf value\(s\) of \d+; refusing to export a diverged checkpoint", err), err
     assert not output.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_a_user_error_is_printed_once_under_torchrun(setup, tmp_path):
+    """Both ranks meet the same set-up error: one `error:` line, exit code 2 in torchrun's
+    summary, no traceback of ours, no checkpoint.save directory."""
+    from megatron_solopo.parallel.distributed import free_port
+
+    paths, root = setup
+    raw = base_config(paths, str(root), checkpoint={"save": str(tmp_path / "run")},
+                      data={"max_tokens_per_micro_batch": 10})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(free_port()), "-m", "megatron_solopo.train", "--config", str(config)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stdout[-3000:]
+    assert "more than data.max_tokens_per_micro_batch=10" in errors[0]
+    assert "exitcode: 2" in result.stdout
+    assert not [line for line in result.stdout.splitlines()
+                if "megatron_solopo/" in line and "File" in line]
+    assert not (tmp_path / "run").exists()

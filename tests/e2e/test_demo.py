@@ -20,6 +20,9 @@ def test_demo_learns(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "[demo] summary" in result.stdout
+    ending = result.stdout[result.stdout.index("[demo] what next"):]
+    assert (f"python tools/convert_checkpoint.py megatron-to-hf --megatron-dir "
+            f"{workdir.resolve() / 'checkpoints'} --output") in ending
     assert " iteration       30/      30 |" in result.stdout  # Megatron's log line
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["iterations"] == 30

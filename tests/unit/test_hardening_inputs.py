@@ -286,3 +286,57 @@ def test_sbatch_scripts_ask_for_the_warning_signal(script):
     assert "#SBATCH --signal=TERM@600" in directives
     assert not any("--dependency" in line for line in directives)
     assert "CONTAINER_IMAGE=${CONTAINER_IMAGE:-$SLURM_SUBMIT_DIR/" in text
+
+
+# -- 6. tokenizer mismatches in the trainer's words ---------------------------------------------
+def test_tokenizer_mismatch_names_the_config_field(tmp_path, tokenizers):  # noqa: F811
+    from megatron_solopo.data.dataset import PreferenceDataset
+    from megatron_solopo.data.preprocess import preprocess
+    from tests.unit.data_fixtures import HF
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", [record(i) for i in range(2)])
+    preprocess([str(inputs)], str(tmp_path / "train"), SP, tokenizers[SP])
+    dataset = PreferenceDataset(str(tmp_path / "train"))
+    with pytest.raises(ValueError) as err:
+        dataset.check_compatible(tokenizers[HF], 10_000)
+    message = str(err.value)
+    assert message.startswith("the dataset and the model use different tokenizers: dataset "
+                              f"{tmp_path / 'train'} was made with the SentencePieceTokenizer")
+    assert f"tokenizer.tokenizer_model={tokenizers[HF]} is a Hugging Face tokenizer directory" \
+        in message
+    assert "--tokenizer-model" not in message
+    with pytest.raises(ValueError) as err:
+        dataset.check_compatible("/ckpt/llama3.1-8b-megatron/tokenizer", 10_000,
+                                 "the starting checkpoint's tokenizer (/ckpt/x)")
+    assert str(err.value).startswith("the starting checkpoint's tokenizer (/ckpt/x)="
+                                     "/ckpt/llama3.1-8b-megatron/tokenizer does not exist; ")
+    assert "a placeholder path in an example config must be replaced" in str(err.value)
+
+
+# -- 2. the signal handler ----------------------------------------------------------------------
+def test_signal_is_recorded_then_a_second_one_acts():
+    import signal
+
+    from megatron_solopo.training.signals import ExitSignalHandler, agree_to_stop
+
+    handler = ExitSignalHandler()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread at the next bytecode
+        assert handler.received == signal.SIGINT and handler.name == "SIGINT"
+        assert agree_to_stop(True) and not agree_to_stop(False)  # no process group: local
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's default
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        handler.release()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- 11. the demo ends with what to do next -----------------------------------------------------
+def test_demo_says_what_next(tmp_path):
+    from megatron_solopo.demo import what_next
+
+    text = what_next(tmp_path)
+    assert text.splitlines()[1] == "[demo] what next"
+    assert (f"python tools/convert_checkpoint.py megatron-to-hf --megatron-dir "
+            f"{tmp_path / 'checkpoints'} --output {tmp_path / 'hf'}") in text
+    assert "examples/solopo_converted_single.yaml" in text
