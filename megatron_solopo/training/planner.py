@@ -29,6 +29,10 @@ def _world_size(explicit: Optional[int]) -> int:
     return 1
 
 
+# With these model fields set, a dry run plans without the starting checkpoint.
+_SHAPE_GIVEN = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+
+
 def _model_for_plan(config: JobConfig, hf_config: Optional[str] = None):
     """The model to plan for: from ``hf_config`` (a Hugging Face ``config.json`` or its
     directory) when given, else the starting checkpoint's run_config.yaml, else the config's
@@ -41,10 +45,13 @@ def _model_for_plan(config: JobConfig, hf_config: Optional[str] = None):
         try:
             start = starting_checkpoint(config)[1]
         except ValueError as err:
-            raise ValueError(f"{err}. A dry run needs only the model's shape: pass --hf-config "
-                             f"<Hugging Face model directory or config.json> (the model the "
-                             f"checkpoint is or will be converted from), or set the model "
-                             f"section") from None
+            if not set(_SHAPE_GIVEN) <= set(getattr(config, "explicit_model_fields", [])):
+                raise ValueError(f"{err}. A dry run needs only the model's shape: pass "
+                                 f"--hf-config <Hugging Face model directory or config.json> (the "
+                                 f"model the checkpoint is or will be converted from), or set "
+                                 f"model.{', model.'.join(_SHAPE_GIVEN)} (and model.vocab_size)"
+                                 ) from None
+            start = {}  # the model section (file or flags) describes the model
         model = merged_model_config(config, start)
     if model.vocab_size == 0 and config.data.train_prefix:
         import json

@@ -110,6 +110,11 @@ def test_dry_run_of_the_big_example_from_a_hf_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "TP=4 CP=2 PP=1 DP=2" in out and "32 layers, hidden 4096" in out
     assert "parameters: 8,030,261,248 total" in out
+    # The same model from flags.
+    flags = ["model.num_layers=32", "model.hidden_size=4096", "model.ffn_hidden_size=14336",
+             "model.num_attention_heads=32", "model.num_query_groups=8", "model.vocab_size=128256"]
+    assert main(["--config", str(BIG_EXAMPLE), "--dry-run", "--world-size", "16", *flags]) == 0
+    assert "parameters: 8,030,261,248 total" in capsys.readouterr().out
 
 
 def test_single_device_example_needs_no_gpu_features():
