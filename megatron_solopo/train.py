@@ -2,7 +2,12 @@
 [section.field=value ...]`` (or one process per GPU under ``srun``).
 
 ``--dry-run`` validates the config and the parallel layout, and prints the parameter count and a
-memory estimate per GPU, without starting any process group.
+memory estimate per GPU, without starting any process group (``--hf-config`` when the starting
+checkpoint is not on this machine).
+
+Exit status: 0 done, or stopped on request after saving (SIGTERM/SIGINT,
+``training.exit_duration_minutes``); 1 training diverged (nothing non-finite saved); 2 a user
+error, printed once as ``error: ...`` (docs/errors.md).
 """
 
 from __future__ import annotations
