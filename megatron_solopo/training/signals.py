@@ -27,7 +27,8 @@ class ExitSignalHandler:
     """Records SIGTERM/SIGINT instead of dying; ``release()`` restores the previous handlers."""
 
     def __init__(self, signals=SIGNALS):
-        self.received: Optional[int] = None
+        self.received: Optional[int] = None  # the first signal
+        self._seen: set = set()
         self._previous: dict = {}
         for signum in signals:
             try:
@@ -36,7 +37,9 @@ class ExitSignalHandler:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        if self.received == signum:  # the second one: behave as without the handler
+        # The same kind twice: behave as without the handler. Not any two: Ctrl-C under torchrun
+        # delivers SIGINT from the terminal and SIGTERM from the launcher, once each.
+        if signum in self._seen:
             previous = self._previous.get(signum, signal.SIG_DFL)
             self.release()
             if callable(previous):
@@ -44,7 +47,9 @@ class ExitSignalHandler:
             else:
                 signal.raise_signal(signum)
             return
-        self.received = signum
+        self._seen.add(signum)
+        if self.received is None:
+            self.received = signum
 
     @property
     def name(self) -> str:

@@ -328,6 +328,8 @@ def test_signal_is_recorded_then_a_second_one_acts():
     try:
         os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread at the next bytecode
         assert handler.received == signal.SIGINT and handler.name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's forward of the same Ctrl-C: recorded
+        assert handler.received == signal.SIGINT
         assert agree_to_stop(True) and not agree_to_stop(False)  # no process group: local
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's default
             os.kill(os.getpid(), signal.SIGINT)
