@@ -491,10 +491,10 @@ class Trainer:
                     stopped = stop.local_reason() or "another rank received a signal or reached " \
                                                      "training.exit_duration_minutes"
                     break
+            if self.iteration > saved_iteration:
+                self.save()  # still under the handler: a signal now does not cut the save short
         finally:
             stop.release()
-        if self.iteration > saved_iteration:
-            self.save()
         if stopped and dist.get_rank() == 0:
             where = (f"saved iteration {self.iteration} in {config.checkpoint.save}; the same "
                      f"command resumes it" if config.checkpoint.save else
