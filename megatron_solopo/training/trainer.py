@@ -423,6 +423,12 @@ class Trainer:
     def save(self) -> None:
         if not self.config.checkpoint.save:
             return
+        for chunk in self.model:
+            if chunk.ddp_config.use_distributed_optimizer and chunk.ddp_config.overlap_param_gather:
+                # The last step's updated shards reach the model's parameters at the next
+                # forward; gather them now so the checkpoint holds the stepped weights (as
+                # Megatron-LM's disable_forward_pre_hook(param_sync=True) does before a save).
+                chunk.start_param_sync(force_sync=True)
         common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "scheduler": self.scheduler.state_dict(), "num_skipped": self.num_skipped,
                   "num_nan": self.num_nan}
