@@ -32,16 +32,25 @@ def te_available() -> bool:
         return False
 
 
-def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "reference"]:
-    """``auto`` picks TE where it imports and CUDA is present, else the reference path."""
+def resolve_attention_backend(backend: AttentionBackend, *,
+                              bf16: bool = True) -> Literal["te", "reference"]:
+    """``auto`` picks TE where it imports and CUDA is present and the model is bf16 (TE attention
+    has no fp32 kernel for packed sequences), else the reference path. ``bf16``: the model's
+    precision (``precision.bf16``)."""
+    from megatron_solopo.model.setup_checks import check_te_attention_precision
+
     if backend == "auto":
-        return "te" if te_available() and torch.cuda.is_available() else "reference"
-    if backend == "te" and not te_available():
-        raise ValueError("model attention_backend='te' but Transformer Engine is not importable "
-                         "here; install megatron-solopo[te] (or use an NGC PyTorch container), or "
-                         "set attention_backend='reference'")
+        return "te" if te_available() and torch.cuda.is_available() and bf16 else "reference"
     if backend not in ("te", "reference"):
         raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference")
+    if backend == "te":
+        if not te_available():
+            raise ValueError("model attention_backend='te' but Transformer Engine is not "
+                             "importable here; install megatron-solopo[te] (or use an NGC PyTorch "
+                             "container), or set attention_backend='reference'")
+        from megatron_solopo.model.config import PrecisionConfig
+
+        check_te_attention_precision(PrecisionConfig(bf16=bf16))
     return backend
 
 
@@ -52,7 +61,11 @@ def gpt_layer_spec(backend: Literal["te", "reference"]):
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     from megatron_solopo.model.attention import ReferenceCoreAttention
+    from megatron_solopo.parallel.cpu_compat import allow_sequence_parallel_torch_norm
 
+    # The local spec's RMSNorm (torch's) refuses sequence parallelism although its math is the
+    # same under it; the patch marks its weights for the TP all-reduce of their gradients.
+    allow_sequence_parallel_torch_norm()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = ReferenceCoreAttention
@@ -98,7 +111,11 @@ def build_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    backend = resolve_attention_backend(attention_backend or model.attention_backend)
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    backend = resolve_attention_backend(attention_backend or model.attention_backend,
+                                        bf16=bool(transformer_config.bf16))
     if backend == "reference" and transformer_config.fp8:
         raise ValueError("fp8 needs the Transformer Engine attention/linear layers "
                          "(attention_backend='te')")
@@ -112,9 +129,18 @@ def build_model(
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
+        block_spec = spec
+        if backend == "reference":
+            # Megatron builds the final norm as TENorm whenever TE imports, whatever the layer
+            # spec: name the layers' own norm so the reference path has no TE module at all.
+            num_layers = get_num_layers_to_build(
+                transformer_config, vp_stage=stage,
+                pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+            block_spec = TransformerBlockSubmodules(layer_specs=[spec] * num_layers,
+                                                    layer_norm=spec.submodules.input_layernorm)
         gpt = GPTModel(
             config=transformer_config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec,
             vocab_size=padded_vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

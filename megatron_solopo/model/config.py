@@ -75,7 +75,8 @@ class ModelConfig:
 
     attention_backend: Literal["auto", "te", "reference"] = "auto"
     """Core attention: Transformer Engine (GPU) or our reference implementation (CPU, tests);
-    ``auto`` takes TE where it imports and CUDA is present."""
+    ``auto`` takes TE where it imports, CUDA is present and ``precision.bf16`` is set (TE
+    attention has no fp32 kernel for packed sequences; ``te`` in fp32 is refused)."""
 
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra Megatron-Core ``TransformerConfig`` fields, e.g. ``{"recompute_granularity":
@@ -167,11 +168,14 @@ def build_transformer_config(
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_solopo.model import setup_checks
     from megatron_solopo.model.build import resolve_attention_backend
 
     precision = precision or PrecisionConfig()
     if use_te is None:
-        use_te = resolve_attention_backend(model.attention_backend) == "te"
+        use_te = resolve_attention_backend(model.attention_backend, bf16=precision.bf16) == "te"
+    if use_te and parallel.context_parallel_size > 1:
+        setup_checks.check_te_context_parallel(parallel, model, setup_checks.installed_te_version())
     if precision.fp8 and not use_te:
         raise ValueError("precision.fp8 needs Transformer Engine (pip install "
                          "'megatron-solopo[te]', or run in an NGC PyTorch container); it is not "
@@ -212,10 +216,8 @@ def build_transformer_config(
         persist_layer_norm=fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=fused,
-        # gloo matches two same-peer sends in one batch in issue order: interleaved PP with
-        # PP=2 is silently wrong with batched p2p on CPU (measured; docs/cpu.md).
-        batch_p2p_comm=torch.cuda.is_available(),
+        gradient_accumulation_fusion=fused and setup_checks.grad_accum_fusion_available(),
+        batch_p2p_comm=setup_checks.default_batch_p2p_comm(parallel, torch.cuda.is_available()),
         # Irrelevant without experts, but the default ("allgather") makes TransformerConfig
         # reject variable_seq_lengths, which packed micro-batches under PP need.
         moe_token_dispatcher_type="alltoall",
@@ -225,4 +227,5 @@ def build_transformer_config(
 
     fields.update(coerce_megatron_fields("model.transformer_overrides",
                                          model.transformer_overrides, TransformerConfig))
+    setup_checks.check_transformer_fields(fields, parallel)
     return TransformerConfig(**fields)

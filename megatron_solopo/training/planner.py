@@ -76,6 +76,11 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
     from megatron_solopo.training.batches import check_groups_per_rank
 
     check_groups_per_rank(config, dp)
+    from megatron_solopo.model import setup_checks
+
+    setup_checks.check_fp8_data_parallel(config.precision, dp)
+    if model.attention_backend != "reference":  # TE's own rules (those of any TE release)
+        setup_checks.check_te_context_parallel(config.parallel, model, te_version=None)
     tp, cp, pp = (parallel.tensor_model_parallel_size, parallel.context_parallel_size,
                   parallel.pipeline_model_parallel_size)
     padded_vocab = model.padded_vocab_size(tp)
@@ -96,7 +101,9 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None) -> str:
     per_token_layer = (2 if recompute == "full" else 34) * model.hidden_size / sp_divisor
     in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches of activations
     activations = tokens * per_token_layer * (model.num_layers // pp) * in_flight
-    head = config.training.logprob_chunk_size * padded_vocab / tp * (2 + 4 + 4)
+    # fp32 logits, their masked copy and gradient, plus the fp32 copy of the output weight.
+    head = (config.training.logprob_chunk_size * padded_vocab / tp * (4 + 4 + 4)
+            + padded_vocab / tp * model.hidden_size * 4)
     reference = 0.0
     if reference_mode(config) == "live":
         reference = weights  # a frozen copy of the weights, forward only

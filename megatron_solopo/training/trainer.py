@@ -21,6 +21,7 @@ import yaml
 from megatron_solopo.config import (JobConfig, reference_checkpoint, reference_mode,
                                     resolved_objective)
 from megatron_solopo.model.config import build_transformer_config
+from megatron_solopo.model.setup_checks import check_fp8_data_parallel
 from megatron_solopo.objectives import ObjectiveInputs, RoleLogps
 from megatron_solopo.training import checkpoint as ckpt
 from megatron_solopo.training import metrics as metrics_lib
@@ -95,6 +96,7 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         check_groups_per_rank(config, self.dp_size)
+        check_fp8_data_parallel(config.precision, self.dp_size)
         self.world_size = dist.get_world_size()
         self.is_logging_rank = dist.get_rank() == self.world_size - 1  # last PP stage
         self.padded_vocab_size = self.model_config.padded_vocab_size(
