@@ -115,3 +115,63 @@ def test_qwen3_with_yarn_under_cp2_tp2_gives_single_process_logprobs_and_gradien
     run_distributed(check_layout, 4, dict(context_parallel_size=2, tensor_model_parallel_size=2),
                     model_overrides=dict(family="qwen3", qk_layernorm=True, kv_channels=32,
                                          rope_scaling=yarn, max_position_embeddings=64))
+
+
+def _precompute(raw: dict) -> None:
+    """Rank function: the reference caches of the run's datasets."""
+    import contextlib
+    import io
+
+    from megatron_solopo.config import config_from_dict
+    from megatron_solopo.training.precompute import precompute_reference
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        precompute_reference(config_from_dict(raw))
+
+
+def test_solopo_trains_from_a_converted_qwen3_checkpoint(tmp_path):
+    """Convert a tiny Qwen3 (tied, head_dim 32 != hidden / heads), tokenize data with its
+    tokenizer, precompute the reference log-probs with it and run SoLoPO (DPO base) for a few
+    steps on CPU (architecture from the checkpoint), convert the result back: the loss falls, no
+    step is skipped, and transformers loads a changed Qwen3 whose q/k norms were trained too."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_solopo.data import synthetic
+    from megatron_solopo.data.preprocess import preprocess
+    from tests.distributed.trainer_common import base_config, logging_result, train
+
+    hf_dir = make_tiny_hf_checkpoint(tmp_path / "hf", "qwen3_tied", max_position_embeddings=1024)
+    megatron_dir = hf_to_megatron(hf_dir, tmp_path / "megatron")
+    tokenizer = str(megatron_dir / "tokenizer")
+    paths = {"tokenizer": tokenizer, "init": str(megatron_dir)}
+    for split, count, seed in (("train", 24, 1), ("valid", 8, 2)):
+        records = synthetic.generate_records("kv_retrieval", count, seed=seed, long_length=80)
+        synthetic.write_jsonl(records, str(tmp_path / f"{split}.jsonl"))
+        preprocess([str(tmp_path / f"{split}.jsonl")], str(tmp_path / split),
+                   "HuggingFaceTokenizer", tokenizer)
+        paths[split] = str(tmp_path / split)
+    raw = base_config(paths, str(tmp_path), training={"train_iters": 4, "global_batch_size": 6},
+                      checkpoint={"save": str(tmp_path / "run")},
+                      tokenizer={"tokenizer_type": "HuggingFaceTokenizer"},
+                      objective={"name": "solopo", "base": "dpo", "beta": 0.5, "alpha": 1.0})
+    raw["model"] = {}  # the architecture comes from the converted checkpoint
+    run_distributed(_precompute, 1, raw)
+    result = logging_result(run_distributed(train, 1, raw))
+    print("qwen3 SoLoPO losses:", result["losses"])
+    assert len(result["losses"]) == 4 and result["num_skipped"] == 0
+    assert all(math.isfinite(loss) for loss in result["losses"])
+    assert result["losses"][-1] < result["losses"][0]
+    last = [row for row in result["history"] if "loss" in row and not row.get("eval")][-1]
+    assert last["short/rewards/accuracies"] > 0.5 and last["solo_ra/gap"] > 0
+
+    back = megatron_to_hf(tmp_path / "run", tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    before = AutoModelForCausalLM.from_pretrained(str(hf_dir)).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(str(back)).state_dict()
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert "model.layers.0.self_attn.q_norm.weight" in changed
+    assert "model.layers.1.self_attn.k_norm.weight" in changed
+    assert len(changed) > len(before) // 2
