@@ -195,12 +195,12 @@ def test_yarn_original_length_when_the_rope_parameters_omit_it(extra, original):
     assert model_config_from_hf(hf).rope_scaling["original_max_position_embeddings"] == original
 
 
-@pytest.mark.parametrize("family,config,message", [
+@pytest.mark.parametrize("feature,config,message", [
     ("qwen3", QWEN3, r"needs transformers >= 4.51 \(installed: 4.50.0\)"),
     ("yarn", dict(LLAMA, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
      r"rope_type='yarn' is not supported; it needs transformers >= 4.56"),
 ])
-def test_features_newer_than_the_installed_transformers_are_refused(monkeypatch, family, config,
+def test_features_newer_than_the_installed_transformers_are_refused(monkeypatch, feature, config,
                                                                      message):
     monkeypatch.setattr(transformers, "__version__", "4.50.0")
     with pytest.raises(ValueError, match=message):
