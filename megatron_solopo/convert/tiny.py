@@ -54,6 +54,9 @@ def make_tiny_hf_checkpoint(directory: Union[str, Path], variant: str = "llama_g
     if variant not in TINY_VARIANTS:
         raise ValueError(f"variant {variant!r}; valid: {', '.join(TINY_VARIANTS)}")
     config_name, model_name, extra = TINY_VARIANTS[variant]
+    if not hasattr(transformers, model_name):
+        raise ValueError(f"variant {variant!r} needs {model_name}, which transformers "
+                         f"{transformers.__version__} does not have (Qwen3: >= 4.51)")
     config = getattr(transformers, config_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
