@@ -3,8 +3,8 @@ with every YaRN knob) and a head_dim decoupled from hidden / heads (Mistral) und
 context parallelism (gloo ranks):
 
 - per-token log-probs of a converted checkpoint match transformers' own (fp32, eager) within
-  1e-5, on packed sequences one of which is longer than the YaRN variants'
-  original_max_position_embeddings;
+  1e-5 under the layout and at TP=1, on packed sequences one of which is longer than the YaRN
+  variants' original_max_position_embeddings;
 - re-saved under that layout, megatron-to-hf gives back every original tensor bit for bit;
 - with Qwen3 + YaRN, CP=2 x TP=2 gives the single-process log-probs, loss and gradients (the
   q/k norm weights are replicated over TP and their gradients must be summed).
@@ -89,6 +89,7 @@ def test_layout_matches_transformers_and_resaved_checkpoint_converts_back(tmp_pa
     reference = verify.hf_logprobs(str(hf_dir), LONG_SEQUENCES)
     results = run_distributed(_logprobs_and_resave, world, str(megatron_dir),
                               str(tmp_path / "run"), layout, LONG_SEQUENCES)
+    results.append(verify.megatron_logprobs(str(megatron_dir), LONG_SEQUENCES))  # TP=1, here
     for ours in results:
         result = verify.compare(reference, ours)
         print(f"{case}: {result}")
