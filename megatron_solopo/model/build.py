@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Literal, Optional
 
 import torch
 
+from megatron_solopo.model import rope
 from megatron_solopo.model.config import ModelConfig
 
 AttentionBackend = Literal["auto", "te", "reference"]
@@ -54,38 +54,24 @@ def resolve_attention_backend(backend: AttentionBackend, *,
     return backend
 
 
-def gpt_layer_spec(backend: Literal["te", "reference"]):
-    """The transformer layer spec for the Llama/Qwen2/Mistral family (RMSNorm, SwiGLU, RoPE)."""
+def gpt_layer_spec(backend: Literal["te", "reference"], qk_layernorm: bool = False):
+    """The transformer layer spec for the Llama/Qwen2/Qwen3/Mistral family (RMSNorm, SwiGLU,
+    RoPE; with ``qk_layernorm``, Qwen3's per-head RMSNorm on queries and keys)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     from megatron_solopo.model.attention import ReferenceCoreAttention
     from megatron_solopo.parallel.cpu_compat import allow_sequence_parallel_torch_norm
 
     # The local spec's RMSNorm (torch's) refuses sequence parallelism although its math is the
     # same under it; the patch marks its weights for the TP all-reduce of their gradients.
     allow_sequence_parallel_torch_norm()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                    qk_layernorm=qk_layernorm)
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = ReferenceCoreAttention
     return spec
-
-
-def llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
-    """Llama 3.1 frequency scaling with the checkpoint's own parameters (megatron-core hard-codes
-    low=1, high=4, original=8192, which other checkpoints may not use)."""
-    factor = float(rope_scaling["factor"])
-    low = float(rope_scaling.get("low_freq_factor", 1.0))
-    high = float(rope_scaling.get("high_freq_factor", 4.0))
-    original = float(rope_scaling.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = original / low, original / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
 
 
 def unwrap_model(module):
@@ -119,12 +105,17 @@ def build_model(
     if backend == "reference" and transformer_config.fp8:
         raise ValueError("fp8 needs the Transformer Engine attention/linear layers "
                          "(attention_backend='te')")
-    spec = gpt_layer_spec(backend)
+    spec = gpt_layer_spec(backend, qk_layernorm=model.qk_layernorm)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if padded_vocab_size is None:
         padded_vocab_size = model.padded_vocab_size(tp)
     rope_scaling = model.rope_scaling or {}
-    scaling_type = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    scaling_type = rope.scaling_type(model.rope_scaling)
+    if scaling_type == "yarn" and transformer_config.softmax_scale is None and \
+            rope.softmax_scale(rope_scaling, model.kv_channels, model.max_position_embeddings):
+        raise ValueError("model.rope_scaling is YaRN, whose attention factor lives in the "
+                         "TransformerConfig's softmax_scale; build it with "
+                         "build_transformer_config (or set softmax_scale)")
     vpp = transformer_config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -152,9 +143,13 @@ def build_model(
                                           if scaling_type == "linear" else None),
             vp_stage=stage,
         )
-        if scaling_type == "llama3" and hasattr(gpt, "rotary_pos_emb"):
+        if scaling_type in ("llama3", "yarn") and hasattr(gpt, "rotary_pos_emb"):
+            # Megatron's rotary module makes the per-position angles (per packed sequence, per CP
+            # rank) from inv_freq; only the frequencies differ (model/rope.py).
             rotary = gpt.rotary_pos_emb
-            rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
+            rotary.inv_freq = rope.scaled_inv_freq(rotary.inv_freq, rope_scaling,
+                                                   model.kv_channels, model.rotary_base,
+                                                   model.max_position_embeddings)
         if torch.cuda.is_available():
             # Megatron-Core creates most parameters on the current device, but modules built from
             # plain torch layers (the local spec's norms, our core attention) stay on the CPU:

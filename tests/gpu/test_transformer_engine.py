@@ -158,3 +158,45 @@ def test_te_context_parallel_with_tensor_parallel():
     run_distributed(check_layout, 4, dict(context_parallel_size=2, tensor_model_parallel_size=2,
                                           sequence_parallel=True),
                     attention_backend="te", bf16=True, rtol=BF16_RTOL, backend="nccl")
+
+
+# Qwen3's per-head q/k RMSNorm (TENorm in the TE spec) with YaRN (its attention factor lives in
+# the softmax scale, model/rope.py).
+QWEN3_YARN = dict(family="qwen3", qk_layernorm=True, kv_channels=32, max_position_embeddings=64,
+                  rope_scaling={"type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 16})
+
+
+def test_te_qwen3_yarn_matches_reference_path_single_gpu():
+    run_distributed(check_layout, 1, dict(), attention_backend="te",
+                    reference_backend="reference", bf16=True, rtol=BF16_RTOL, backend="nccl",
+                    shapes=MIXED_SHAPES, model_overrides=QWEN3_YARN)
+
+
+def _te_softmax_scales(model_fields: dict, attention_backend: str = "te"):
+    """Rank function: the softmax scale every TE core attention of a built model uses, and the
+    TransformerConfig's."""
+    from megatron_solopo.model.build import build_model
+    from megatron_solopo.model.config import build_transformer_config
+    from megatron_solopo.parallel.distributed import initialize_distributed
+    from megatron_solopo.parallel.layout import ParallelConfig
+    from tests.distributed.common import tiny_model
+
+    model = tiny_model(**model_fields, attention_backend=attention_backend)
+    initialize_distributed(ParallelConfig(), model=model)
+    config = build_transformer_config(model, ParallelConfig())
+    (gpt,) = build_model(model, config)
+    scales = {float(layer.self_attention.core_attention.softmax_scale)
+              for layer in gpt.decoder.layers}
+    norms = {type(layer.self_attention.q_layernorm).__name__ for layer in gpt.decoder.layers}
+    return sorted(scales), config.softmax_scale, sorted(norms)
+
+
+def test_te_attention_uses_the_yarn_softmax_scale():
+    """The YaRN attention factor reaches TE's attention (fp32 parity with transformers is on CPU,
+    tests/distributed/test_model_families.py; bf16 could not see a 1e-3 change)."""
+    ((scales, expected, norms),) = run_distributed(_te_softmax_scales, 1, QWEN3_YARN,
+                                                   backend="nccl")
+    assert expected is not None and expected > 1 / 32 ** 0.5
+    assert scales == [pytest.approx(expected, rel=1e-12)]
+    assert norms and "IdentityOp" not in norms  # q/k norms exist (TE's RMSNorm)
