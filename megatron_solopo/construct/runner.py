@@ -183,11 +183,18 @@ class Runner:
         if finished is not None:
             self.log(f"{self.output} is already complete (same settings); nothing to do")
             return finished
-        self._prepare_work_dir()
-        committed, stats = self._resume()
-        if not self.complete_file.exists():
-            stats = self._process(committed, stats, generator_factory)
-            _write_json_atomic(self.complete_file, {"stats": stats.to_json()})
+        created = self._prepare_work_dir()
+        try:
+            committed, stats = self._resume()
+            if not self.complete_file.exists():
+                stats = self._process(committed, stats, generator_factory)
+                _write_json_atomic(self.complete_file, {"stats": stats.to_json()})
+        except BaseException:
+            # A run that fails before committing anything (no model, bad flag) leaves no trace.
+            if created and not (self.done_file.exists() and self.done_file.stat().st_size):
+                for path in reversed(created):
+                    shutil.rmtree(path, ignore_errors=True)
+            raise
         return self._merge_if_complete(stats)
 
     def _finished_summary(self) -> Optional[dict]:
@@ -203,7 +210,11 @@ class Runner:
                              f"with these settings; remove it or choose another --output")
         return summary
 
-    def _prepare_work_dir(self) -> None:
+    def _prepare_work_dir(self) -> list:
+        """Directories this call created (outermost first)."""
+        created = [p for p in reversed(self.work.parents) if not p.exists()]
+        if not self.work.exists():
+            created.append(self.work)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
         settings_file = self.work / "settings.json"
@@ -219,6 +230,7 @@ class Runner:
         else:
             _write_json_atomic(settings_file, {"sha256": self.fingerprint,
                                                "settings": self.settings})
+        return created
 
     def _resume(self) -> tuple[set, Stats]:
         """Committed blocks and their summed stats; the shard file cut to the last commit."""
