@@ -250,6 +250,9 @@ class Runner:
                 good += len(raw) + 1
             with open(self.done_file, "r+b") as handle:
                 handle.truncate(min(good, os.path.getsize(self.done_file)))
+                if good > os.path.getsize(self.done_file):  # a commit cut just before its newline
+                    handle.seek(0, os.SEEK_END)
+                    handle.write(b"\n")
         if self.shard_file.exists() and os.path.getsize(self.shard_file) != offset:
             with open(self.shard_file, "r+b") as handle:
                 handle.truncate(offset)
