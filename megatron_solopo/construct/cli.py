@@ -89,6 +89,17 @@ def generator_config(args) -> GeneratorConfig:
         request_timeout=args.request_timeout, progress=not args.no_progress)
 
 
+def output_settings(config: GeneratorConfig) -> dict:
+    """The generator settings the records depend on (not where the server is, how many requests
+    are in flight or whether a bar is shown): a resumed run must have the same."""
+    keys = ("backend", "model", "tokenizer", "seed", "rope_theta", "rope_scaling",
+            "max_model_len", "dtype", "tensor_parallel_size")
+    settings = {key: getattr(config, key) for key in keys}
+    if config.backend == "hf":
+        settings["batch_size"] = config.batch_size  # a batch shares one sampling generator
+    return settings
+
+
 def run(build_pipeline, args) -> int:
     """Build the pipeline (checks every input), run this shard, print the summary; user errors
     print ``error: ...`` and return 2."""
@@ -97,7 +108,8 @@ def run(build_pipeline, args) -> int:
         num_shards, shard_index = shard_from_env(args.num_shards, args.shard_index)
         pipeline = build_pipeline(args)
         runner = Runner(pipeline, args.output, num_shards=num_shards, shard_index=shard_index,
-                        block_size=args.block_size, log=log_stderr)
+                        block_size=args.block_size, generation=output_settings(config),
+                        log=log_stderr)
         summary = runner.run(lambda: build_generator(config))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

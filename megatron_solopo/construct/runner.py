@@ -159,7 +159,7 @@ def summary_path(output: Path) -> Path:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, output: str, *, num_shards: int = 1, shard_index: int = 0,
-                 block_size: int = 16, log=print):
+                 block_size: int = 16, generation: Optional[dict] = None, log=print):
         if block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {block_size}")
         self.pipeline = pipeline
@@ -171,7 +171,8 @@ class Runner:
         self.shard_file = self.work / f"{tag}.jsonl"
         self.done_file = self.work / f"{tag}.done.jsonl"
         self.complete_file = self.work / f"{tag}.complete.json"
-        settings = dict(pipeline.settings(), num_shards=num_shards, block_size=block_size)
+        settings = dict(pipeline.settings(), num_shards=num_shards, block_size=block_size,
+                        generation=generation or {})
         self.settings = settings
         self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
