@@ -201,3 +201,40 @@ def test_runner_refuses_changed_settings_and_leaves_nothing_on_failure(tmp_path)
         lambda: Scripted(lambda text, request: ["Answer: x"] + ["no"] * 31))
     assert "1 block(s) done" in logs[0]
     assert summary["records_written"] == 3 and summary["model_calls"] == 3
+
+
+def test_resume_cuts_uncommitted_bytes_and_completes_a_cut_commit(tmp_path):
+    rng = random.Random(0)
+    qa = write_qa(tmp_path / "qa.jsonl", [musique_record(rng, i, "x") for i in range(4)])
+
+    def answers(text, request):
+        return [f"Answer: x {request.key}"] + [f"no {i}" for i in range(31)]
+
+    def run(output, respond):
+        pipeline = SoLoPOPipeline([qa], SoLoPOSettings(), Templates())
+        return Runner(pipeline, str(output), block_size=1, log=lambda m: None).run(
+            lambda: Scripted(respond))
+
+    run(tmp_path / "reference.jsonl", answers)
+    calls = {"n": 0}
+
+    def dies_at_third(text, request):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return answers(text, request)
+
+    output = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run(output, dies_at_third)
+    work = tmp_path / "out.jsonl.work"
+    done = work / "shard-00000-of-00001.done.jsonl"
+    shard = work / "shard-00000-of-00001.jsonl"
+    assert len(done.read_text().splitlines()) == 2
+    done.write_bytes(done.read_bytes().rstrip(b"\n"))  # killed just before the commit's newline
+    with open(shard, "ab") as handle:
+        handle.write(b'{"i": 2, "record": {"id": "q-2", "prom')  # a block never committed
+    summary = run(output, answers)
+    assert output.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
+    assert summary["records_written"] == 4 and summary["model_calls"] == 4
+    assert not work.exists()
