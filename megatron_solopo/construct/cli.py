@@ -65,15 +65,18 @@ def add_common_args(parser: argparse.ArgumentParser, *, temperature: float, top_
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def parse_rope_scaling(text: str, flag: str = "--rope-scaling") -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: not JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: should be a JSON object")
+    return value
+
+
 def generator_config(args) -> GeneratorConfig:
-    rope_scaling = None
-    if args.rope_scaling:
-        try:
-            rope_scaling = json.loads(args.rope_scaling)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--rope-scaling: not JSON ({err.msg})") from None
-        if not isinstance(rope_scaling, dict):
-            raise ValueError("--rope-scaling: should be a JSON object")
+    rope_scaling = parse_rope_scaling(args.rope_scaling) if args.rope_scaling else None
     if args.backend == "openai" and not args.tokenizer:
         raise ValueError("--backend openai needs --tokenizer HF_DIR (the served model's "
                          "tokenizer) to count document and context tokens")

@@ -105,10 +105,11 @@ class CountingGenerator:
         self.generator = generator
         self.stats = Stats()
 
-    def generate(self, requests: list, desc: str) -> list:
+    def generate(self, requests: list, desc: str, backend=None) -> list:
+        """``backend`` (default: the run's generator) answers; the cost is counted either way."""
         if not requests:
             return []
-        completions = self.generator.generate(requests, desc=desc)
+        completions = (backend or self.generator).generate(requests, desc=desc)
         self.stats.model_calls += len(requests)
         self.stats.samples += sum(r.params.n for r in requests)
         self.stats.prompt_tokens += sum(c.num_prompt_tokens for c in completions)

@@ -238,3 +238,42 @@ def test_resume_cuts_uncommitted_bytes_and_completes_a_cut_commit(tmp_path):
     assert output.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
     assert summary["records_written"] == 4 and summary["model_calls"] == 4
     assert not work.exists()
+
+
+def test_longpo_rejected_answers_from_a_second_generator(tmp_path):
+    """--long-rope-theta & co.: the whole-document answers come from another generator (the
+    model with a raised RoPE theta); its calls count in the same summary."""
+    from tools.build_longpo_data import build_parser, long_generator
+
+    docs = write_documents(tmp_path / "docs.jsonl", num_docs=2, num_paragraphs=6,
+                           sentences_per_paragraph=2)
+
+    def short(text, request):
+        stage = request.key.rsplit("/", 1)[1]
+        return ["What does the text say?"] if stage == "questions" else ["The chunk answer here."]
+
+    long_backend = Scripted(lambda text, request: ["The whole document answer."])
+    settings = LongPOSettings(chunk_min_tokens=20, chunk_max_tokens=40, num_questions=1)
+    pipeline = LongPOPipeline([str(docs)], settings, Templates(),
+                              long_generator_factory=lambda: long_backend,
+                              long_generation={"rope_theta": 1e7})
+    backend = Scripted(short)
+    summary = Runner(pipeline, str(tmp_path / "out.jsonl"), log=lambda m: None).run(
+        lambda: backend)
+    records = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    assert all(t["rejected"] == "The whole document answer." and
+               t["chosen"] == "The chunk answer here." for r in records for t in r["turns"])
+    assert {r.key.rsplit("/", 1)[1] for r in long_backend.requests} == {"rejected"}
+    assert "rejected" not in {r.key.rsplit("/", 1)[1] for r in backend.requests}
+    assert summary["model_calls"] == len(backend.requests) + len(long_backend.requests)
+
+    args = build_parser().parse_args([
+        "--input", "x", "--output", "y", "--backend", "hf", "--model", "m", "--rope-theta", "1e6",
+        "--long-rope-theta", "1e7", "--long-max-model-len", "131072"])
+    factory, long_settings = long_generator(args)
+    assert factory is not None and long_settings["rope_theta"] == 1e7
+    assert long_settings["max_model_len"] == 131072 and long_settings["model"] == "m"
+    args = build_parser().parse_args(["--input", "x", "--output", "y", "--backend", "hf",
+                                      "--model", "m"])
+    assert long_generator(args) == (None, None)
