@@ -112,7 +112,7 @@ def run(build_pipeline, args) -> int:
         pipeline = build_pipeline(args)
         runner = Runner(pipeline, args.output, num_shards=num_shards, shard_index=shard_index,
                         block_size=args.block_size, generation=output_settings(config),
-                        log=log_stderr)
+                        log=log_stderr, progress=not args.no_progress)
         summary = runner.run(lambda: build_generator(config))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,6 +18,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ from typing import Iterator, Optional
 
 from megatron_solopo.construct.text import Counts
 from megatron_solopo.generation import GenerationRequest
+from megatron_solopo.generation.base import ProgressMeter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +154,10 @@ class Pipeline:
         """Pipeline-specific summary fields from the summed stats."""
         return {}
 
+    def num_inputs(self) -> int:
+        """Inputs of all shards (known once the inputs were checked)."""
+        return self.inputs.num_items
+
 
 def summary_path(output: Path) -> Path:
     stem = output.name[:-len(".jsonl")] if output.name.endswith(".jsonl") else output.name
@@ -160,13 +166,14 @@ def summary_path(output: Path) -> Path:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, output: str, *, num_shards: int = 1, shard_index: int = 0,
-                 block_size: int = 16, generation: Optional[dict] = None, log=print):
+                 block_size: int = 16, generation: Optional[dict] = None, log=print,
+                 progress: bool = False):
         if block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {block_size}")
         self.pipeline = pipeline
         self.output = Path(output)
         self.num_shards, self.shard_index, self.block_size = num_shards, shard_index, block_size
-        self.log = log
+        self.log, self.progress = log, progress
         self.work = self.output.with_name(self.output.name + ".work")
         tag = f"shard-{shard_index:05d}-of-{num_shards:05d}"
         self.shard_file = self.work / f"{tag}.jsonl"
@@ -276,13 +283,21 @@ class Runner:
             yield number, block
 
     def _process(self, committed: set, stats: Stats, generator_factory) -> Stats:
-        generator = None
-        with open(self.shard_file, "ab") as shard, open(self.done_file, "ab") as done:
+        generator = meter = None
+        total = len(range(self.shard_index, self.pipeline.num_inputs(), self.num_shards))
+        with open(self.shard_file, "ab") as shard, open(self.done_file, "ab") as done, \
+                contextlib.ExitStack() as stack:
             for number, block in self._blocks():
                 if number in committed:
                     continue
                 if generator is None:
                     generator = CountingGenerator(generator_factory())
+                    # The run's bar (once the model is loaded): inputs of this shard, ETA, and
+                    # the rates of the model calls.
+                    meter = stack.enter_context(contextlib.closing(ProgressMeter(
+                        total, f"{self.pipeline.name} shard {self.shard_index}", self.progress,
+                        unit="input", leave=True)))
+                    meter.bar.update(stats.inputs)
                 start = time.perf_counter()
                 generator.stats = block_stats = Stats(inputs=len(block))
                 records = self.pipeline.process(block, generator, block_stats)
@@ -297,6 +312,8 @@ class Runner:
                 self._commit(done, {"block": number, "ids": [item_id for _, item_id, _ in block],
                                     "offset": shard.tell(), "stats": block_stats.to_json()})
                 stats.add(block_stats)
+                meter.update(len(block), block_stats.generated_tokens,
+                             num_prompts=block_stats.model_calls)
         if generator is not None:
             close = getattr(generator.generator, "close", None)
             if close:
