@@ -65,8 +65,11 @@ class LongPOSettings:
     """Sampling for chosen and rejected answers (official code: 1.0 / 1.0 / 1,024; the paper
     says greedy: temperature 0)."""
     max_repetition_chosen: float = 0.9
+    """Chosen answers with a higher repeated-word ratio are dropped (official: 0.9)."""
     max_repetition_rejected: float = 0.95
+    """Rejected answers with a higher repeated-word ratio are dropped (official: 0.95)."""
     seed: int = 0
+    """Every random choice (question, phrase, kept turns) derives from it and the document id."""
 
 
 class LongPOPipeline(Pipeline):
