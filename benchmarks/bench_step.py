@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--objectives", default=",".join(OBJECTIVES),
         help=f"comma-separated, from: {', '.join(OBJECTIVES)} (default: all)")
-    add("--long-length", type=int, default=2048, help="tokens of a long sequence (response included)")
+    add("--long-length", default="2048",
+        help="tokens of a long sequence (response included); a comma-separated list measures "
+             "each length (on GPU in one process per objective)")
     add("--short-length", type=int, default=256, help="tokens of a short sequence (response included)")
     add("--response-length", type=int, default=64, help="tokens of each response")
     add("--global-batch-size", type=int, default=1, help="preference groups per step")
@@ -164,6 +166,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     if unknown or not args.objective_names:
         raise UsageError(f"--objectives: unknown {', '.join(unknown) or '(none given)'}; valid: "
                          f"{', '.join(OBJECTIVES)}")
+    try:
+        args.long_lengths = sorted({int(n) for n in str(args.long_length).split(",") if n.strip()})
+    except ValueError:
+        raise UsageError(f"--long-length {args.long_length!r}: integers, comma-separated") from None
+    if not args.long_lengths:
+        raise UsageError("--long-length: no length given")
+    args.long_length = args.long_lengths[0]
     for flag in ("long_length", "short_length", "response_length", "global_batch_size", "steps",
                  "nproc", "tp", "cp", "pp", "search_cap", "search_granularity",
                  "logprob_chunk_size"):
@@ -224,7 +233,8 @@ def shared_prefix_variants(args) -> list:
 def run_config(args, objective: str, long_length: int, token_budget: int, prefix: str,
                shared_prefix: Optional[bool]) -> dict:
     """The run config of one measurement (every section the trainer reads)."""
-    max_positions = max(long_length, args.search_cap if args.find_max_length else 0)
+    max_positions = max(long_length, *args.long_lengths,
+                        args.search_cap if args.find_max_length else 0)
     model = dict(model_fields(args), family="llama", attention_backend=args.attention_backend,
                  max_position_embeddings=max_positions)
     if args.recompute != "none":
@@ -449,15 +459,42 @@ def summarize(results: list, nproc: int) -> dict:
     return out
 
 
+def _error_row(err: WorkerError) -> dict:
+    return {"error": str(err).splitlines()[0], "details": str(err)}
+
+
 def measure_steps(args, workdir: str, objective: str, shared_prefix) -> dict:
-    raw = _config_for(args, workdir, objective, args.long_length, shared_prefix)
-    spec = {"raw": raw, "mode": "steps", "steps": args.steps, "warmup": args.warmup}
-    try:
-        row = summarize(launch(spec, args, workdir, objective), args.nproc)
-    except WorkerError as err:
-        row = {"error": str(err).splitlines()[0], "details": str(err)}
-    row["planner_estimate_gib"] = planner_gib(raw, args.nproc)
-    return row
+    """{long length: row} for every ``--long-length``. On GPU one process measures every length
+    (CUDA's peak statistics reset per length); on CPU each length gets a fresh process, since a
+    process's peak RSS cannot be reset."""
+    from step_worker import token_budget
+
+    raws = {n: _config_for(args, workdir, objective, n, shared_prefix) for n in args.long_lengths}
+    rows = {}
+    if args.cuda and len(raws) > 1:
+        first = raws[args.long_lengths[0]]
+        lengths = [{"long_length": n, "prefix": raw["data"]["train_prefix"],
+                    "token_budget": token_budget(raw["data"]["train_prefix"], raw)}
+                   for n, raw in raws.items()]
+        spec = {"raw": first, "mode": "steps", "steps": args.steps, "warmup": args.warmup,
+                "lengths": lengths}
+        try:
+            results = launch(spec, args, workdir, objective)
+            for index, n in enumerate(args.long_lengths):
+                rows[n] = summarize([r["by_length"][index] if "by_length" in r else r
+                                     for r in results], args.nproc)
+        except WorkerError as err:
+            rows = {n: _error_row(err) for n in args.long_lengths}
+    else:
+        for n, raw in raws.items():
+            spec = {"raw": raw, "mode": "steps", "steps": args.steps, "warmup": args.warmup}
+            try:
+                rows[n] = summarize(launch(spec, args, workdir, f"{objective}-L{n}"), args.nproc)
+            except WorkerError as err:
+                rows[n] = _error_row(err)
+    for n, raw in raws.items():
+        rows[n]["planner_estimate_gib"] = planner_gib(raw, args.nproc)
+    return rows
 
 
 def find_max_length(args, workdir: str, objective: str, shared_prefix) -> dict:
@@ -552,16 +589,18 @@ def _fmt(value, digits: int = 3) -> str:
 def format_report(report: dict) -> str:
     lines = []
     config = report["config"]
-    lines.append(f"long {config['long_length']} / short {config['short_length']} tokens "
+    lines.append(f"long {','.join(map(str, config['long_lengths']))} / short {config['short_length']} tokens "
                  f"(responses {config['response_length']}), {config['global_batch_size']} group(s)"
                  f"/step, model {config['model']}, {config['precision']}, layout nproc="
                  f"{config['nproc']} tp={config['tp']} cp={config['cp']} pp={config['pp']}, "
                  f"attention {config['attention_backend']}")
-    if report.get("objectives"):
+    for length, objectives in report.get("by_length", {}).items():
+        if len(report["by_length"]) > 1:
+            lines.append(f"long length {length}:")
         header = ("objective", "step s", "tokens/s", "TFLOP/s/GPU", "peak GiB", "planner GiB",
                   "time/long_dpo", "mem/long_dpo")
         rows = [header]
-        for name, row in report["objectives"].items():
+        for name, row in objectives.items():
             if row.get("error"):
                 rows.append((name, "error: " + row["error"][:60], "", "", _fmt(row.get("peak_memory_gib")),
                              _fmt(row.get("planner_estimate_gib")), "", ""))
@@ -638,25 +677,30 @@ def main(argv: Optional[list] = None) -> int:
             return 2
         variants = shared_prefix_variants(args)
         report = {"machine": machine(), "config": {
-            "long_length": args.long_length, "short_length": args.short_length,
+            "long_length": args.long_length, "long_lengths": args.long_lengths,
+            "short_length": args.short_length,
             "response_length": args.response_length, "global_batch_size": args.global_batch_size,
             "steps": args.steps, "warmup": args.warmup, "model": dict(model_fields(args), preset=args.preset),
             "precision": args.precision, "recompute": args.recompute, "reference": args.reference,
             "attention_backend": args.attention_backend, "nproc": args.nproc, "tp": args.tp,
             "cp": args.cp, "pp": args.pp, "sp": args.sp, "shared_prefix": args.shared_prefix}}
         if not args.skip_steps:
-            rows = {}
+            by_length = {n: {} for n in args.long_lengths}
             for variant in variants:
                 for objective in args.objective_names:
-                    row = measure_steps(args, workdir, objective, variant)
-                    rows[key_of(objective, variant)] = dict(row, objective=objective,
-                                                            shared_prefix=variant)
-                    print(f"[bench_step] {key_of(objective, variant)}: "
-                          + ("error " + row["error"] if row.get("error") else
-                             f"{row['step_time_s']:.3f} s/step, peak {row['peak_memory_gib']:.3f} GiB"),
-                          file=sys.stderr, flush=True)
-            add_ratios(rows, variants)
-            report["objectives"] = rows
+                    for n, row in measure_steps(args, workdir, objective, variant).items():
+                        by_length[n][key_of(objective, variant)] = dict(
+                            row, objective=objective, shared_prefix=variant, long_length=n)
+                        print(f"[bench_step] {key_of(objective, variant)} at {n}: "
+                              + ("error " + row["error"] if row.get("error") else
+                                 f"{row['step_time_s']:.3f} s/step, peak "
+                                 f"{row['peak_memory_gib']:.3f} GiB"), file=sys.stderr, flush=True)
+                    for rows in by_length.values():
+                        add_ratios(rows, variants)
+                    report["by_length"] = {str(n): rows for n, rows in by_length.items()}
+                    report["objectives"] = by_length[args.long_lengths[0]]
+                    if args.json:  # what is measured so far survives an interrupted run
+                        write_json(args.json, report)
         if args.find_max_length:
             found = {}
             for variant in variants:

@@ -316,6 +316,26 @@ def _preload() -> None:
     import megatron_solopo.training.trainer  # noqa: F401
 
 
+def _each_length(trainer, spec: dict, baseline_rss: int, info: dict) -> list:
+    """Timed steps at each of ``spec['lengths']`` in turn, peak memory reset in between (GPU)."""
+    rows = []
+    for index, length in enumerate(spec["lengths"]):
+        if index:
+            trainer.use_dataset(length["prefix"], length["token_budget"])
+            _reset_peak()
+        row = dict(info, long_length=length["long_length"])
+        try:
+            row.update(_timed_steps(trainer, spec["warmup"], spec["steps"]))
+        except Exception as err:  # noqa: BLE001  (only out-of-memory is expected)
+            if not _is_oom(err):
+                raise
+            row["error"] = "out of memory"
+            _free_after_oom(trainer)
+        row["peak_memory_gib"] = _peak_gib(baseline_rss)
+        rows.append(row)
+    return rows
+
+
 def run(spec: dict) -> dict:
     """One rank's measurement of one objective (``spec`` from bench_step.py)."""
     import torch
@@ -337,6 +357,8 @@ def run(spec: dict) -> dict:
         if spec["mode"] == "search":
             trainer.train_step()  # allocates the optimizer state before the first probe
             out["search"] = _in_process_search(trainer, spec, baseline_rss)
+        elif spec.get("lengths"):
+            out["by_length"] = _each_length(trainer, spec, baseline_rss, out)
         else:
             out.update(_timed_steps(trainer, spec["warmup"], spec["steps"]))
     except Exception as err:  # noqa: BLE001

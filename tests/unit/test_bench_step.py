@@ -158,6 +158,24 @@ def test_one_step_of_every_objective(tmp_path, single_process):
         assert bench_step.planner_gib(raw, 1) > 0
 
 
+def test_several_lengths_in_one_process(tmp_path, single_process):
+    """The GPU path of a comma-separated --long-length: one trainer, one dataset per length."""
+    from step_worker import token_budget
+
+    args = _args("--long-length", "64,96")
+    raws = [bench_step._config_for(args, str(tmp_path), "long_dpo", n, None) for n in (64, 96)]
+    lengths = [{"long_length": n, "prefix": raw["data"]["train_prefix"],
+                "token_budget": token_budget(raw["data"]["train_prefix"], raw)}
+               for n, raw in zip((64, 96), raws)]
+    result = step_worker.run({"raw": raws[0], "mode": "steps", "steps": 1, "warmup": 0,
+                              "lengths": lengths})
+    rows = result["by_length"]
+    assert [row["long_length"] for row in rows] == [64, 96]
+    assert [row["num_tokens"] for row in rows] == [2 * 64, 2 * 96]
+    assert rows[1]["flops"] > rows[0]["flops"] > 0
+    assert all(row["peak_memory_gib"] > 0 and row["dp_rank"] == 0 for row in rows)
+
+
 def test_in_process_search_recovers_from_out_of_memory(tmp_path, single_process, monkeypatch):
     """The GPU search path, run on CPU: a step that runs out of memory (raised after the real
     forward/backward, gradients accumulated) is caught, memory freed, and the next, shorter probe
