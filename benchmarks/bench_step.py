@@ -329,10 +329,10 @@ def launch(spec: dict, args, workdir: str, label: str) -> list:
         env_base.pop(name, None)  # ranks come from the environment below, never an allocation's
     procs = []
     for rank in range(args.nproc):
-        env = dict(env_base)
+        # A port of our own also for one process: the default 29500 may be taken.
+        env = dict(env_base, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         if args.nproc > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            env.update(RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank))
         else:
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
                 env.pop(name, None)
@@ -454,6 +454,9 @@ def summarize(results: list, nproc: int) -> dict:
            "skipped_steps": max(r.get("skipped_steps", 0) for r in results)}
     if losses:
         out["last_loss"] = losses[-1]
+    for key in ("gpu", "gpu_memory_gib"):
+        if key in results[0]:
+            out[key] = results[0][key]
     if "peak_rss_gib" in results[0]:
         out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in results)
     return out
@@ -549,8 +552,8 @@ def machine() -> dict:
             "platform": platform.platform(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 1)
+        # The GPU's name and memory come from the workers: querying them here would create a
+        # CUDA context in this process, taking GPU memory from the measurements.
         info["cuda"] = torch.version.cuda
     try:
         from megatron_solopo.model.build import te_available
@@ -689,6 +692,9 @@ def main(argv: Optional[list] = None) -> int:
             for variant in variants:
                 for objective in args.objective_names:
                     for n, row in measure_steps(args, workdir, objective, variant).items():
+                        for key in ("gpu", "gpu_memory_gib"):
+                            if key in row:
+                                report["machine"][key] = row.pop(key)
                         by_length[n][key_of(objective, variant)] = dict(
                             row, objective=objective, shared_prefix=variant, long_length=n)
                         print(f"[bench_step] {key_of(objective, variant)} at {n}: "

@@ -234,8 +234,10 @@ def _memory(baseline_rss: int) -> dict:
     import torch
 
     if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
         return {"peak_memory_gib": torch.cuda.max_memory_allocated() / GIB,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB, "device": "cuda"}
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB, "device": "cuda",
+                "gpu": properties.name, "gpu_memory_gib": round(properties.total_memory / GIB, 1)}
     peak = peak_rss_bytes()
     return {"peak_memory_gib": (peak - baseline_rss) / GIB, "peak_rss_gib": peak / GIB,
             "baseline_rss_gib": baseline_rss / GIB, "device": "cpu"}
@@ -331,6 +333,7 @@ def _each_length(trainer, spec: dict, baseline_rss: int, info: dict) -> list:
                 raise
             row["error"] = "out of memory"
             _free_after_oom(trainer)
+        row.update(_memory(baseline_rss))
         row["peak_memory_gib"] = _peak_gib(baseline_rss)
         rows.append(row)
     return rows

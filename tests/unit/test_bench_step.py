@@ -114,9 +114,12 @@ def test_report_ratios_and_table():
 # In process: one step of every objective, and the in-process search
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture
-def single_process():
-    from megatron_solopo.parallel.distributed import destroy_distributed
+def single_process(monkeypatch):
+    from megatron_solopo.parallel.distributed import destroy_distributed, free_port
 
+    for name in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # not the default 29500: may be taken
     yield
     destroy_distributed()
 
