@@ -27,7 +27,8 @@ Reported per objective: the median step time of ``--steps`` steps after ``--warm
 largest rank): CUDA max allocated on GPU, on CPU the peak RSS of the process minus its RSS before
 the trainer was built (i.e. what the run allocated: weights, gradients, optimizer state,
 activations; interpreter and libraries excluded); and ``ratio_to_long_dpo`` (step time over
-long_dpo's in the same run; ``memory_ratio_to_long_dpo`` likewise), null without long_dpo.
+long_dpo's in the same run; ``memory_ratio_to_long_dpo`` likewise; ``min_ratio_to_long_dpo``
+from the fastest steps, less disturbed on a shared machine), null without long_dpo.
 
 Model FLOPs per step (training/metrics.py::forward_flops, the same as the log line's TFLOP/s):
 
@@ -446,7 +447,9 @@ def summarize(results: list, nproc: int) -> dict:
     # The slowest rank's median: every rank waits for it at the step's collectives.
     step_time = max(statistics.median(r["step_times_s"]) for r in results)
     losses = [loss for r in results for loss in r.get("losses", [])]
-    out = {"step_time_s": step_time, "tokens_per_s": tokens / step_time,
+    # The fastest step too: on a shared machine it is the least disturbed by other work.
+    fastest = max(min(r["step_times_s"]) for r in results)
+    out = {"step_time_s": step_time, "step_time_min_s": fastest, "tokens_per_s": tokens / step_time,
            "tokens_per_s_per_gpu": tokens / step_time / nproc,
            "tflops_per_gpu": flops / step_time / nproc / 1e12,
            "peak_memory_gib": peak, "tokens_per_step": tokens, "model_flops_per_step": flops,
@@ -572,6 +575,9 @@ def add_ratios(rows: dict, variants: list) -> None:
                 continue
             ok = "step_time_s" in row and "step_time_s" in base
             row["ratio_to_long_dpo"] = row["step_time_s"] / base["step_time_s"] if ok else None
+            row["min_ratio_to_long_dpo"] = (row["step_time_min_s"] / base["step_time_min_s"]
+                                            if ok and "step_time_min_s" in row
+                                            and "step_time_min_s" in base else None)
             mem_ok = row.get("peak_memory_gib") and base.get("peak_memory_gib")
             row["memory_ratio_to_long_dpo"] = (row["peak_memory_gib"] / base["peak_memory_gib"]
                                                if mem_ok and ok else None)
