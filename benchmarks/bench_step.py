@@ -207,9 +207,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
             raise UsageError(f"--memory-budget-gib must be > 0, got {args.memory_budget_gib}")
     if args.precision == "fp8":
-        from megatron_solopo.model.build import te_available
+        import importlib.util
 
-        if not (args.cuda and te_available()):
+        # find_spec, not an import: importing TE here could create a CUDA context in this process.
+        if not (args.cuda and importlib.util.find_spec("transformer_engine") is not None):
             raise UsageError("--precision fp8 needs Transformer Engine on a GPU")
     args.search_start = args.search_start or args.long_length
     if args.find_max_length and args.search_start > args.search_cap:
@@ -457,7 +458,7 @@ def summarize(results: list, nproc: int) -> dict:
            "skipped_steps": max(r.get("skipped_steps", 0) for r in results)}
     if losses:
         out["last_loss"] = losses[-1]
-    for key in ("gpu", "gpu_memory_gib"):
+    for key in ("gpu", "gpu_memory_gib", "attention_backend"):
         if key in results[0]:
             out[key] = results[0][key]
     if "peak_rss_gib" in results[0]:
@@ -534,6 +535,9 @@ def find_max_length(args, workdir: str, objective: str, shared_prefix) -> dict:
             probes.append({"long_length": length, "peak_memory_gib": row.get("peak_memory_gib"),
                            "fits": fits, "error": row.get("error"),
                            "seconds": time.perf_counter() - start})
+            print(f"[bench_step] {objective} at {length}: peak "
+                  f"{_fmt(row.get('peak_memory_gib'))} GiB, {'fits' if fits else 'does not fit'} "
+                  f"{budget} GiB", file=sys.stderr, flush=True)
             return fits
 
         found = search_max_length(probe, start=args.search_start, cap=args.search_cap,
@@ -558,12 +562,9 @@ def machine() -> dict:
         # The GPU's name and memory come from the workers: querying them here would create a
         # CUDA context in this process, taking GPU memory from the measurements.
         info["cuda"] = torch.version.cuda
-    try:
-        from megatron_solopo.model.build import te_available
+    import importlib.util
 
-        info["transformer_engine"] = te_available()
-    except Exception:  # noqa: BLE001
-        info["transformer_engine"] = False
+    info["transformer_engine_installed"] = importlib.util.find_spec("transformer_engine") is not None
     return info
 
 
@@ -698,7 +699,7 @@ def main(argv: Optional[list] = None) -> int:
             for variant in variants:
                 for objective in args.objective_names:
                     for n, row in measure_steps(args, workdir, objective, variant).items():
-                        for key in ("gpu", "gpu_memory_gib"):
+                        for key in ("gpu", "gpu_memory_gib", "attention_backend"):
                             if key in row:
                                 report["machine"][key] = row.pop(key)
                         by_length[n][key_of(objective, variant)] = dict(

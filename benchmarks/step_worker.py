@@ -357,6 +357,9 @@ def run(spec: dict) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):  # the resolved config, once per rank
             trainer.setup()
         out.update(_rank_info())
+        from megatron_solopo.model.build import resolve_attention_backend
+
+        out["attention_backend"] = resolve_attention_backend(trainer.model_config.attention_backend)
         if spec["mode"] == "search":
             trainer.train_step()  # allocates the optimizer state before the first probe
             out["search"] = _in_process_search(trainer, spec, baseline_rss)
