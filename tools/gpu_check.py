@@ -58,7 +58,7 @@ DOWNLOAD_SPECS = ["megatron-core==0.19.2", "numpy<2.5", "packaging>=24.2", "pyya
 
 # Share of the time budget per phase; a phase gets its share of what is left among the phases
 # still to run, so time a phase does not use (or a skipped phase's) goes to the later ones.
-PHASES = {"environment": 0.0, "tests": 0.20, "trainer": 0.13, "bench": 0.35, "fp8": 0.12,
+PHASES = {"environment": 0.0, "tests": 0.25, "trainer": 0.12, "bench": 0.33, "fp8": 0.10,
           "max_length": 0.20}
 BENCH_LENGTHS = (8192, 16384, 32768)
 FP8_LENGTH = 16384

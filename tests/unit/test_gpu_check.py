@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -120,12 +121,12 @@ def test_missing_without_wheels_says_what_to_do(tmp_path):
 def test_phase_caps_share_what_is_left():
     phases = ["tests", "trainer", "bench", "fp8", "max_length"]
     caps = [gpu_check.phase_timeout(p, 400.0, phases[i:]) for i, p in enumerate(phases)]
-    assert caps[0] == pytest.approx(400 * 0.20)
-    assert caps[2] == pytest.approx(400 * 0.35 / 0.67)
+    assert caps[0] == pytest.approx(400 * 0.25)
+    assert caps[2] == pytest.approx(400 * 0.33 / 0.63)
     assert caps[-1] == 400.0  # the last phase gets everything left
     # fp8 skipped (no TE): its share goes to the others.
     assert gpu_check.phase_timeout("bench", 300.0, ["bench", "max_length"]) == \
-        pytest.approx(300 * 0.35 / 0.55)
+        pytest.approx(300 * 0.33 / 0.53)
 
 
 def test_pytest_counts():
@@ -201,3 +202,45 @@ def test_without_cuda_the_check_stops_after_the_environment(tmp_path, capsys):
     assert list(report["phases"]) == ["environment", "tests", "bench"]
     assert report["passed"] is False
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_phases_run_in_order_with_caps_and_reports(tmp_path, monkeypatch, capsys):
+    """The orchestration with stand-in commands: each phase's JSON is loaded into the report, a
+    phase without its requirement is skipped with the reason, and the last phase, which would
+    run forever, is stopped at the end of the budget (with its whole process group)."""
+    python = sys.executable
+    bench_json = tmp_path / "bench.json"
+    fake_env = {"cuda_available": True, "gpu": "Fake GPU", "gpu_memory_gib": 1.0,
+                "transformer_engine": False, "attention_backend": "reference"}
+    monkeypatch.setattr(gpu_check, "environment_info", lambda python, env: dict(fake_env))
+
+    def commands(python_, workdir, attention, te):
+        assert attention == "reference" and te is False
+        write = f"import json; json.dump({{'by_length': {{}}}}, open({str(bench_json)!r}, 'w'))"
+        return {
+            "tests": ([python, "-c", "print('3 passed, 1 skipped in 0.1s')"], None),
+            "trainer": ([python, "-c", "import sys; sys.exit(3)"], None),
+            "bench": ([python, "-c", write], str(bench_json)),
+            "fp8": ("Transformer Engine is not importable", None),
+            "max_length": ([python, "-c", "import subprocess; subprocess.run(['sleep', '1000'])",
+                            "--search-seconds", "{search_seconds}"], None),
+        }
+
+    monkeypatch.setattr(gpu_check, "phase_commands", commands)
+    output = tmp_path / "check.json"
+    start = time.monotonic()
+    assert gpu_check.main(["--output", str(output), "--budget-seconds", "15",
+                           "--workdir", str(tmp_path / "w")]) == 1
+    assert time.monotonic() - start < 60
+    report = json.loads(output.read_text())
+    phases = report["phases"]
+    assert list(phases) == list(gpu_check.PHASES)
+    assert phases["tests"]["returncode"] == 0 and phases["tests"]["counts"] == {"passed": 3, "skipped": 1}
+    assert phases["trainer"]["returncode"] == 3
+    assert phases["bench"]["data"] == {"by_length": {}}
+    assert phases["fp8"] == {"skipped": "Transformer Engine is not importable"}
+    assert phases["max_length"]["returncode"] == "timeout"
+    assert "--search-seconds 10" in phases["max_length"]["command"]
+    assert report["machine"] == "Fake GPU (1.0 GiB)" and report["passed"] is False
+    out = capsys.readouterr().out
+    assert "timeout" in out and "FAILED" in out
