@@ -407,6 +407,7 @@ class Trainer:
                                     self.dp_rank, self.dp_size, seed=config.training.seed,
                                     consumed_samples=0, shuffle=False)
         builder, reference_builder = self.valid_builders
+        whole = self.objective.sequence_logps_roles
         totals: dict = {}
         for index, indices in zip(range(config.training.eval_iters), sampler):
             step = builder.build(indices, config.training.global_batch_size)
@@ -417,6 +418,8 @@ class Trainer:
                 outputs = forward_backward(
                     self.model, step.micro_batches, self._loss_fn(step.num_groups, values),
                     vocab_size=self.model_config.vocab_size, forward_only=True,
+                    # As in training: the LM head only where the objective reads a log-prob.
+                    logprob_mask_fn=lambda batch: logprob_positions(batch, whole),
                     logprob_chunk_size=config.training.logprob_chunk_size)
             for name, value in self._reduce_metrics(outputs).items():
                 totals[name] = totals.get(name, 0.0) + value / config.training.eval_iters
