@@ -4,6 +4,7 @@
 # Variables: VENV (default .venv), PYTHON (interpreter that creates the venv),
 #            TORCH_SPEC (torch to install where no CUDA torch is present), PYTEST_ARGS.
 # Also: make test-fast (unit tests), make test-slow, make lint, make clean.
+# make gpu-check: the one-shot GPU check (tools/gpu_check.py; no venv, no network: WHEELS=DIR).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ MCORE_SPEC ?= megatron-core==0.19.2
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-slow lint demo clean
+.PHONY: install test test-fast test-slow lint demo clean gpu-check
 
 install: $(STAMP)
 
@@ -62,6 +63,16 @@ lint: install
 
 demo: install
 	$(PY) -m megatron_solopo.demo
+
+# One command on a GPU machine (<= 8 min on one H100/H200): tests/gpu, the trainer on CUDA,
+# bench_step at 8K/16K/32K (1B model), FP8 with Transformer Engine, a max-length search. Uses the
+# machine's own Python (torch with CUDA); what is missing comes from the wheel files in WHEELS.
+GPU_PYTHON ?= python3
+WHEELS ?=
+GPU_CHECK_JSON ?= gpu_check.json
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) --output $(GPU_CHECK_JSON) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

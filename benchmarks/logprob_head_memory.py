@@ -2,10 +2,12 @@
 """Memory of the LM head + log-probs on one long sequence: Megatron's default (logits and fp32
 cross entropy for every position) vs our LogprobHead (only the response positions, in chunks).
 
-    python benchmarks/logprob_head_memory.py --mode full|response --tokens 16384 --vocab 32000
+    python benchmarks/logprob_head_memory.py --mode full|response|targets --tokens 16384 --vocab 32000
 
-Runs one forward + backward of a 1-layer model in a fresh process and prints peak RSS growth.
-Use run_all() (python benchmarks/logprob_head_memory.py --compare) to run both modes.
+Runs one forward + backward (``--forward-only``: a forward under no_grad, as evaluation and the
+reference pass do) of a 1-layer model in a fresh process and prints peak RSS growth. ``targets``
+is LogprobHead asked for every real target (what evaluation and the reference pass computed
+before they used the response positions only). ``--compare`` runs every mode.
 """
 
 import argparse
@@ -16,7 +18,8 @@ import sys
 import time
 
 
-def measure(mode: str, tokens: int, vocab: int, hidden: int, response: int) -> dict:
+def measure(mode: str, tokens: int, vocab: int, hidden: int, response: int,
+            forward_only: bool = False) -> dict:
     import torch
 
     import megatron_solopo  # noqa: F401
@@ -44,37 +47,46 @@ def measure(mode: str, tokens: int, vocab: int, hidden: int, response: int) -> d
         sample_ids=["bench"], max_seqlen=tokens)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
+    grad = torch.no_grad() if forward_only else torch.enable_grad()
+    grad.__enter__()
     if mode == "full":  # GPTModel's own path: logits for all positions, vocab-parallel CE
         losses = model(input_ids=ids[None], position_ids=batch.position_ids[None],
                        attention_mask=None, labels=batch.labels[None],
                        packed_seq_params=packed_seq_params(batch))
         logp = -(losses[0] * loss_mask).sum()
     else:
-        logp = (forward_packed(model, batch, vocab, logprob_mask=loss_mask.bool()) * loss_mask).sum()
-    logp.backward()
+        where = loss_mask.bool() if mode == "response" else batch.target_mask.bool()
+        logp = (forward_packed(model, batch, vocab, logprob_mask=where) * loss_mask).sum()
+    if not forward_only:
+        logp.backward()
+    grad.__exit__(None, None, None)
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": mode, "tokens": tokens, "vocab": vocab, "hidden": hidden,
+    return {"mode": mode, "forward_only": forward_only, "tokens": tokens, "vocab": vocab, "hidden": hidden,
             "response_tokens": response, "peak_rss_growth_mib": round((peak - before) / 1024, 1),
             "fwd_bwd_seconds": round(elapsed, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["full", "response"], default="response")
+    parser.add_argument("--mode", choices=["full", "response", "targets"], default="response")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="forward under no_grad (evaluation, reference pass)")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--response", type=int, default=256)
-    parser.add_argument("--compare", action="store_true", help="run both modes in fresh processes")
+    parser.add_argument("--compare", action="store_true", help="run every mode in fresh processes")
     args = parser.parse_args()
     if args.compare:
-        for mode in ("full", "response"):
+        for mode in ("full", "targets", "response"):
             subprocess.run([sys.executable, __file__, "--mode", mode, "--tokens", str(args.tokens),
                             "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-                            "--response", str(args.response)], check=True)
+                            "--response", str(args.response)]
+                           + (["--forward-only"] if args.forward_only else []), check=True)
         return
-    print(json.dumps(measure(args.mode, args.tokens, args.vocab, args.hidden, args.response)))
+    print(json.dumps(measure(args.mode, args.tokens, args.vocab, args.hidden, args.response,
+                             args.forward_only)))
 
 
 if __name__ == "__main__":

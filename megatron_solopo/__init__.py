@@ -12,12 +12,16 @@ _install_triton_stub()
 def _quiet_cpu_notices() -> None:
     """Without CUDA, megatron-core warns on import that TE/apex are missing and it falls back to
     local implementations: always true on CPU, so the notice is dropped there (kept on GPUs,
-    where it means a slower fallback)."""
+    where it means a slower fallback).
+
+    ``device_count()`` asks NVML, not the CUDA runtime: importing this package must not
+    initialize CUDA, or processes forked after the import (multiprocessing's fork/forkserver)
+    could not use the GPU."""
     import warnings
 
     import torch
 
-    if not torch.cuda.is_available():
+    if torch.cuda.device_count() == 0:
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         warnings.filterwarnings("ignore", message="Apex is not installed")
 

@@ -5,8 +5,10 @@ the default gloo process group in each, runs ``fn(*args)`` and returns the per-r
 rank's exception fails the test with that rank's traceback. Model-parallel state and the process
 group are destroyed when ``fn`` returns, so each test builds its own layout.
 
-Processes come from a forkserver that has already imported torch and megatron-core, so a test
-pays ~1 s of start-up instead of a fresh interpreter's ~5 s. ``fn`` must be a module-level
+On CPU (gloo), processes come from a forkserver that has already imported torch and
+megatron-core, so a test pays ~1 s of start-up instead of a fresh interpreter's ~5 s. With NCCL
+they are spawned: a process that has touched CUDA (Transformer Engine's import does) cannot fork
+children that use it, so the GPU tier pays the fresh interpreters. ``fn`` must be a module-level
 function of an importable module (tests/ is a package for this reason).
 """
 
@@ -27,8 +29,10 @@ _PRELOAD = ["tests.harness", "megatron_solopo.parallel.distributed", "megatron.c
 _context = None
 
 
-def _get_context():
+def _get_context(backend: str = "gloo"):
     global _context
+    if backend == "nccl":
+        return multiprocessing.get_context("spawn")
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(_PRELOAD)
@@ -76,7 +80,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
 
     import pytest
 
-    context = _get_context()
+    context = _get_context(backend)
     results = context.Queue()
     port = free_port()
     # Not daemonic: ranks may start helper processes (dist_checkpointing does).

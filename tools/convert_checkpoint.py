@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Hugging Face <-> Megatron checkpoints (Llama, Qwen2, Mistral). docs/conversion.md.
+"""Hugging Face <-> Megatron checkpoints (Llama, Qwen2, Qwen3, Mistral). docs/conversion.md.
 
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir /hf/Llama-3.1-8B-Instruct \
         --output /ckpt/llama3.1-8b-megatron --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1

@@ -1,4 +1,4 @@
-"""Checkpoint conversion between Hugging Face (Llama, Qwen2, Mistral) and our Megatron checkpoints.
+"""Checkpoint conversion between Hugging Face (Llama, Qwen2, Qwen3, Mistral) and our Megatron checkpoints.
 
 Public API (tools/convert_checkpoint.py and tools/verify_conversion.py are thin CLIs over it;
 docs/conversion.md explains the formats):

@@ -1,7 +1,7 @@
-"""Hugging Face ``config.json`` <-> our ModelConfig (Llama, Qwen2, Mistral).
+"""Hugging Face ``config.json`` <-> our ModelConfig (Llama, Qwen2, Qwen3, Mistral).
 
 Anything we do not model is refused by name rather than silently converted into a different
-model: other architectures, RoPE types other than default/linear/llama3, partial rotary
+model: other architectures, RoPE types other than default/linear/llama3/yarn, partial rotary
 embeddings, sliding-window attention, biases other than Qwen2's Q/K/V bias, activations other
 than SiLU, dtypes other than fp32/bf16/fp16. Both spellings of RoPE settings are read:
 ``rope_parameters`` (transformers >= 5) and ``rope_theta`` + ``rope_scaling`` (older files).
@@ -13,17 +13,36 @@ import functools
 from typing import NoReturn, Optional
 
 from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.rope import ROPE_SCALING_KEYS, scaling_type
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "MistralForCausalLM": "mistral"}
+                 "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
 FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
-CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}
-ROPE_TYPES = ("default", "linear", "llama3")
+CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "mistral": "MistralConfig"}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
+# Oldest transformers release that has a feature with the meaning we model (docs/conversion.md):
+# Qwen3 arrived in 4.51; YaRN honours both factor and original_max_position_embeddings from 4.56
+# (4.45-4.50 ignored original_max_position_embeddings, 4.51-4.55 replaced factor by
+# max_position_embeddings / original_max_position_embeddings).
+MIN_TRANSFORMERS = {"qwen3": "4.51", "yarn": "4.56"}
 
 
 def refuse(source: str, field: str, value, supported: str) -> NoReturn:
     raise ValueError(f"{source}: {field}={value!r} is not supported; {supported}")
+
+
+def require_transformers(feature: str, source: str, field: str, value) -> None:
+    """Refuse ``feature`` (a MIN_TRANSFORMERS key) when the installed transformers predates it."""
+    import transformers
+    from packaging.version import Version
+
+    minimum = MIN_TRANSFORMERS[feature]
+    if Version(transformers.__version__) < Version(minimum):
+        refuse(source, field, value,
+               f"it needs transformers >= {minimum} (installed: {transformers.__version__}); "
+               f"pip install 'transformers>={minimum}'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,6 +77,15 @@ def detect_family(hf: dict, source: str = "config.json") -> str:
     return model_type
 
 
+def _original_max_positions(hf: dict, parameters: dict, max_positions: int) -> int:
+    """transformers (>= 5) reads a top-level ``original_max_position_embeddings`` first (Phi-3
+    style), then the RoPE parameters' own, else ``max_position_embeddings``."""
+    value = hf.get("original_max_position_embeddings")
+    if value is None:
+        value = parameters.get("original_max_position_embeddings")
+    return int(max_positions if value is None else value)
+
+
 def rope_settings(hf: dict, family: str, source: str = "config.json") -> tuple[float, Optional[dict]]:
     """(theta, scaling in ModelConfig's form) from either spelling of the RoPE settings."""
     parameters = dict(hf.get("rope_parameters") or {})
@@ -80,7 +108,10 @@ def rope_settings(hf: dict, family: str, source: str = "config.json") -> tuple[f
         refuse(source, f"{field}.rope_type", kind, "supported: " + ", ".join(ROPE_TYPES))
     if kind == "default":
         return float(theta), None
-    if "factor" not in parameters:
+    max_positions = int(_get(hf, family, "max_position_embeddings"))
+    if kind == "yarn":
+        return float(theta), _yarn_settings(hf, parameters, field, source, max_positions)
+    if parameters.get("factor") is None:
         raise ValueError(f"{source}: {field} of type {kind!r} has no 'factor'")
     if kind == "linear":
         return float(theta), {"type": "linear", "factor": float(parameters["factor"])}
@@ -88,8 +119,28 @@ def rope_settings(hf: dict, family: str, source: str = "config.json") -> tuple[f
         "type": "llama3", "factor": float(parameters["factor"]),
         "low_freq_factor": float(parameters.get("low_freq_factor", 1.0)),
         "high_freq_factor": float(parameters.get("high_freq_factor", 4.0)),
-        "original_max_position_embeddings": int(parameters.get("original_max_position_embeddings", 8192)),
+        "original_max_position_embeddings": _original_max_positions(hf, parameters, max_positions),
     }
+
+
+def _yarn_settings(hf: dict, parameters: dict, field: str, source: str, max_positions: int) -> dict:
+    """YaRN in ModelConfig's form: the keys the config gives (transformers' meaning, including a
+    null ``factor``), with ``original_max_position_embeddings`` resolved as transformers does."""
+    require_transformers("yarn", source, f"{field}.rope_type", "yarn")
+    known = set(ROPE_SCALING_KEYS["yarn"]) | {"type", "rope_type", "rope_theta",
+                                              "partial_rotary_factor"}
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        refuse(source, field, {key: parameters[key] for key in unknown},
+               "YaRN keys we model: " + ", ".join(ROPE_SCALING_KEYS["yarn"]))
+    if "factor" not in parameters:
+        raise ValueError(f"{source}: {field} of type 'yarn' has no 'factor' (null derives it from "
+                         f"max_position_embeddings / original_max_position_embeddings)")
+    scaling = {"type": "yarn"}
+    scaling.update({key: parameters[key] for key in ROPE_SCALING_KEYS["yarn"] if key in parameters})
+    scaling["original_max_position_embeddings"] = _original_max_positions(hf, parameters,
+                                                                          max_positions)
+    return scaling
 
 
 def _check_attention_window(hf: dict, family: str, source: str, max_positions: int) -> None:
@@ -100,7 +151,7 @@ def _check_attention_window(hf: dict, family: str, source: str, max_positions: i
         refuse(source, "sliding_window", window,
                f"sliding-window attention is not modelled; it must be null or >= "
                f"max_position_embeddings ({max_positions})")
-    if family == "qwen2" and hf.get("use_sliding_window") and not covers_all:
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and not covers_all:
         num_layers = int(hf["num_hidden_layers"])
         if int(_get(hf, family, "max_window_layers") or 0) < num_layers:
             refuse(source, "use_sliding_window", True,
@@ -120,6 +171,8 @@ def dtype_name(hf: dict) -> str:
 def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face config, or ValueError naming what we do not model."""
     family = detect_family(hf, source)
+    if family == "qwen3":
+        require_transformers("qwen3", source, "architectures", [FAMILY_ARCHITECTURE[family]])
     activation = _get(hf, family, "hidden_act")
     if activation != "silu":
         refuse(source, "hidden_act", activation, "only silu (SwiGLU MLP)")
@@ -127,13 +180,16 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         refuse(source, "mlp_bias", hf["mlp_bias"], "MLP projections have no bias")
     if hf.get("attention_bias") and family != "qwen2":
         refuse(source, "attention_bias", hf["attention_bias"],
-               "attention biases only as Qwen2's Q/K/V bias (Llama's also biases o_proj)")
+               "attention biases only as Qwen2's Q/K/V bias (this flag also biases o_proj)")
     if dtype_name(hf) not in DTYPES:
         refuse(source, "dtype", dtype_name(hf), "supported: " + ", ".join(DTYPES))
     max_positions = int(_get(hf, family, "max_position_embeddings"))
     _check_attention_window(hf, family, source, max_positions)
     theta, scaling = rope_settings(hf, family, source)
     heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    if head_dim is None and family == "qwen3":
+        head_dim = family_defaults(family).get("head_dim")  # Qwen3Config: 128, not hidden / heads
     try:
         return ModelConfig(
             family=family,
@@ -142,7 +198,7 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             ffn_hidden_size=int(hf["intermediate_size"]),
             num_attention_heads=heads,
             num_query_groups=int(hf.get("num_key_value_heads") or heads),
-            kv_channels=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+            kv_channels=int(head_dim or int(hf["hidden_size"]) // heads),
             vocab_size=int(hf["vocab_size"]),
             max_position_embeddings=max_positions,
             rotary_base=theta,
@@ -150,6 +206,7 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             norm_epsilon=float(_get(hf, family, "rms_norm_eps")),
             # Qwen2's q/k/v projections always carry a bias (no config flag).
             add_qkv_bias=family == "qwen2",
+            qk_layernorm=family == "qwen3",
             untie_embeddings_and_output_weights=not _get(hf, family, "tie_word_embeddings"),
         )
     except KeyError as missing:
@@ -169,6 +226,14 @@ def hf_config_from_model(model: ModelConfig, original: Optional[dict], dtype: st
     if model.family != "qwen2" and model.add_qkv_bias:
         raise ValueError(f"model.family={model.family!r} with add_qkv_bias=True has no Hugging "
                          f"Face equivalent (only qwen2 has Q/K/V biases alone)")
+    if model.qk_layernorm != (model.family == "qwen3"):
+        raise ValueError(f"model.family={model.family!r} with qk_layernorm={model.qk_layernorm} has "
+                         f"no Hugging Face equivalent (Qwen3, and only Qwen3, normalizes queries "
+                         f"and keys)")
+    if model.family == "qwen3":
+        require_transformers("qwen3", "model", "family", model.family)
+    if scaling_type(model.rope_scaling) == "yarn":
+        require_transformers("yarn", "model", "rope_scaling.type", "yarn")
     config = dict(original or {})
     for stale in ("rope_scaling", "rope_theta", "torch_dtype", "layer_types", "_name_or_path",
                   "transformers_version"):
@@ -196,11 +261,13 @@ def hf_config_from_model(model: ModelConfig, original: Optional[dict], dtype: st
         scaling = dict(model.rope_scaling)
         kind = scaling.pop("type", None) or scaling.pop("rope_type")
         rope.update(scaling, rope_type=kind)
+    if "type" in (config.get("rope_parameters") or {}):
+        rope["type"] = rope["rope_type"]  # the legacy alias transformers keeps from rope_scaling
     config["rope_parameters"] = rope
     # Sliding windows are not modelled: the converted model attends over every position.
     if model.family == "mistral":
         config["sliding_window"] = None
-    if model.family == "qwen2":
+    if model.family in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
     # Through transformers, so the file has every field its config class expects.
     return AutoConfig.for_model(**config).to_dict()

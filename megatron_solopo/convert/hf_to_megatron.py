@@ -1,4 +1,4 @@
-"""Hugging Face (Llama / Qwen2 / Mistral safetensors) -> our weights-only Megatron checkpoint.
+"""Hugging Face (Llama / Qwen2 / Qwen3 / Mistral safetensors) -> our weights-only Megatron checkpoint.
 
 Output (written into a temporary directory beside ``output``, renamed at the end)::
 

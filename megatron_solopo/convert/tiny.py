@@ -24,6 +24,21 @@ TINY_VARIANTS = {
     # head_dim 32 != hidden / heads = 16: exercises ModelConfig.kv_channels.
     "mistral_head_dim": ("MistralConfig", "MistralForCausalLM",
                          dict(sliding_window=None, head_dim=32, tie_word_embeddings=False)),
+    # Qwen3: per-head q/k RMSNorm, no biases; tied with a decoupled head_dim as in the small sizes.
+    "qwen3_tied": ("Qwen3Config", "Qwen3ForCausalLM",
+                   dict(tie_word_embeddings=True, head_dim=32)),
+    "qwen3_untied": ("Qwen3Config", "Qwen3ForCausalLM",
+                     dict(tie_word_embeddings=False, head_dim=16, num_key_value_heads=1)),
+    # YaRN as Qwen2.5 ships it (legacy rope_scaling spelling, max_position_embeddings left at the
+    # original length), and with every optional knob set (a short original length, so test
+    # sequences reach beyond it).
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        tie_word_embeddings=False, max_position_embeddings=64, rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama_yarn": ("LlamaConfig", "LlamaForCausalLM", dict(max_position_embeddings=128, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
+        "original_max_position_embeddings": 32, "beta_fast": 16.0, "beta_slow": 2.0,
+        "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False})),
 }
 
 
@@ -39,6 +54,9 @@ def make_tiny_hf_checkpoint(directory: Union[str, Path], variant: str = "llama_g
     if variant not in TINY_VARIANTS:
         raise ValueError(f"variant {variant!r}; valid: {', '.join(TINY_VARIANTS)}")
     config_name, model_name, extra = TINY_VARIANTS[variant]
+    if not hasattr(transformers, model_name):
+        raise ValueError(f"variant {variant!r} needs {model_name}, which transformers "
+                         f"{transformers.__version__} does not have (Qwen3: >= 4.51)")
     config = getattr(transformers, config_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()

@@ -11,6 +11,8 @@ global tensor), or a whole non-layer tensor. ``L``: layers, ``H``: hidden size, 
 | decoder.layers.self_attention.linear_qkv.layer_norm_weight    | model.layers.i.input_layernorm.weight |
 | decoder.layers.self_attention.linear_qkv.weight ``[(nq+2ng)d, H]`` | self_attn.{q,k,v}_proj, grouped |
 | decoder.layers.self_attention.linear_qkv.bias (Qwen2)         | self_attn.{q,k,v}_proj.bias, grouped |
+| decoder.layers.self_attention.q_layernorm.weight ``[d]`` (Qwen3) | self_attn.q_norm.weight          |
+| decoder.layers.self_attention.k_layernorm.weight ``[d]`` (Qwen3) | self_attn.k_norm.weight          |
 | decoder.layers.self_attention.linear_proj.weight ``[H, nq*d]`` | self_attn.o_proj.weight            |
 | decoder.layers.mlp.linear_fc1.layer_norm_weight               | post_attention_layernorm.weight     |
 | decoder.layers.mlp.linear_fc1.weight ``[2F, H]``              | [mlp.gate_proj; mlp.up_proj]        |
@@ -48,6 +50,8 @@ QKV_WEIGHT = "decoder.layers.self_attention.linear_qkv.weight"
 QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
 INPUT_NORM = "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
 PROJ = "decoder.layers.self_attention.linear_proj.weight"
+Q_NORM = "decoder.layers.self_attention.q_layernorm.weight"
+K_NORM = "decoder.layers.self_attention.k_layernorm.weight"
 MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 FC1 = "decoder.layers.mlp.linear_fc1.weight"
 FC2 = "decoder.layers.mlp.linear_fc2.weight"
@@ -59,6 +63,8 @@ ONE_TO_ONE = {
     FINAL_NORM: "model.norm.weight",
     INPUT_NORM: "model.layers.{i}.input_layernorm.weight",
     PROJ: "model.layers.{i}.self_attn.o_proj.weight",
+    Q_NORM: "model.layers.{i}.self_attn.q_norm.weight",
+    K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
     MLP_NORM: "model.layers.{i}.post_attention_layernorm.weight",
     FC2: "model.layers.{i}.mlp.down_proj.weight",
 }
@@ -95,6 +101,8 @@ def canonical_tensors(model, padded_vocab_size: int) -> list[CanonicalTensor]:
     per_layer = [(INPUT_NORM, (h,)), (QKV_WEIGHT, (q + 2 * kv, h))]
     if model.add_qkv_bias:
         per_layer.append((QKV_BIAS, (q + 2 * kv,)))
+    if model.qk_layernorm:
+        per_layer += [(Q_NORM, (d,)), (K_NORM, (d,))]
     per_layer += [(PROJ, (h, q)), (MLP_NORM, (h,)), (FC1, (2 * f, h)), (FC2, (h, f))]
     entries = [CanonicalTensor(EMBEDDING, None, (padded_vocab_size, h))]
     for layer in range(model.num_layers):
@@ -141,6 +149,8 @@ def hf_shapes(model) -> dict[str, tuple]:
         if model.add_qkv_bias:
             shapes.update({base + "self_attn.q_proj.bias": (q,), base + "self_attn.k_proj.bias": (kv,),
                            base + "self_attn.v_proj.bias": (kv,)})
+        if model.qk_layernorm:
+            shapes.update({base + "self_attn.q_norm.weight": (d,), base + "self_attn.k_norm.weight": (d,)})
     return shapes
 
 

@@ -9,7 +9,9 @@ A record yields, for each requested role it has, in ``ALL_ROLES`` order:
   question_2 -> answer_2, ...``), whose response spans cover all the answers (LongPO multi-turn).
 
 Chosen and rejected sequences of one context share the same (possibly truncated) context, so a
-preference pair always compares answers to the same prompt.
+preference pair always compares answers to the same prompt. A record's ``evidence_spans`` (parts
+of the long context that hold what the answers need) are never cut: truncation takes only text
+outside them, or drops the record.
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ def _fit_context(tokenizer, record, context_kind, turn, kinds, limits: LengthLim
     flag = f"--max-{context_kind}-length={limit}"
     if limits.overlong == "drop":
         raise _Overlong(f"{where} sequence of {longest} tokens exceeds {flag}")
+    evidence = record.evidence_spans if context_kind == "long" else ()
+    if evidence:
+        return _fit_keeping_evidence(tokenizer, context, evidence, build, limit, longest, limits,
+                                     where, flag)
     context_ids = tokenizer.encode_text(context)
     excess = longest - limit
     for _ in range(_MAX_TRUNCATION_ATTEMPTS):
@@ -161,3 +167,46 @@ def _fit_context(tokenizer, record, context_kind, turn, kinds, limits: LengthLim
             return sequences, True
         excess += longest - limit
     raise _Overlong(f"{where} context could not be cut to fit {flag}")
+
+
+def _fit_keeping_evidence(tokenizer, context: str, evidence, build, limit: int, longest: int,
+                          limits: LengthLimits, where: str, flag: str):
+    """``_fit_context`` for a long context with evidence spans: only the text between the spans
+    is cut (their own text is kept verbatim), the tokens nearest the middle of the context first
+    (``truncate-middle``) or the earliest first (``truncate-left``); a record whose evidence
+    alone does not fit is dropped."""
+    pieces, cursor = [], 0  # (text, is evidence)
+    for start, end in evidence:
+        if start > cursor:
+            pieces.append((context[cursor:start], False))
+        pieces.append((context[max(start, cursor):end], True))
+        cursor = max(cursor, end)
+    if cursor < len(context):
+        pieces.append((context[cursor:], False))
+    encoded = [(tokenizer.encode_text(text), is_evidence) for text, is_evidence in pieces]
+    # Removable tokens as (piece, index in piece, position in the whole context).
+    removable, position = [], 0
+    for number, (ids, is_evidence) in enumerate(encoded):
+        if not is_evidence:
+            removable += [(number, i, position + i) for i in range(len(ids))]
+        position += len(ids)
+    middle = position / 2
+    if limits.overlong == "truncate-middle":
+        removable.sort(key=lambda item: (abs(item[2] + 0.5 - middle), item[2]))
+    excess = longest - limit
+    for _ in range(_MAX_TRUNCATION_ATTEMPTS):
+        if excess > len(removable):
+            raise _Overlong(f"{where} sequence of {longest} tokens cannot fit {flag} without "
+                            f"cutting its evidence spans (only {len(removable)} context tokens "
+                            f"lie outside them)")
+        removed = {(number, i) for number, i, _ in removable[:excess]}
+        text = "".join(
+            pieces[number][0] if is_evidence else tokenizer.decode(
+                [t for i, t in enumerate(ids) if (number, i) not in removed])
+            for number, (ids, is_evidence) in enumerate(encoded))
+        sequences = build(text)
+        longest_now = max(len(tokens) for tokens, _ in sequences.values())
+        if longest_now <= limit:
+            return sequences, True
+        excess += longest_now - limit
+    raise _Overlong(f"{where} context could not be cut to fit {flag} keeping its evidence spans")

@@ -21,8 +21,10 @@ from megatron_solopo.data.dataset import PreferenceGroup
 from megatron_solopo.roles import Role
 
 
-# FP8 GEMMs in Transformer Engine need the token dimension of their input divisible by 8.
-FP8_TOKEN_MULTIPLE = 8
+# FP8 GEMMs in Transformer Engine want every dimension a multiple of 16, the token dimension
+# included (it is the reduction dimension of the weight-gradient GEMM); Megatron's
+# get_fp8_align_size returns 16 for the delayed and tensorwise recipes.
+FP8_TOKEN_MULTIPLE = 16
 
 
 def pad_multiple_for(context_parallel_size: int, tensor_model_parallel_size: int,
@@ -30,7 +32,7 @@ def pad_multiple_for(context_parallel_size: int, tensor_model_parallel_size: int
     """Every sequence's padded length is a multiple of this: CP splits a sequence into ``2 * CP``
     load-balanced chunks, and sequence parallelism splits each CP rank's tokens over TP. With
     FP8, each rank's share of every sequence (``L / (CP * TP_sp)`` tokens, cast to FP8 before
-    sequence-parallel all-gathers) is also a multiple of 8, so any packed micro-batch is."""
+    sequence-parallel all-gathers) is also a multiple of 16, so any packed micro-batch is."""
     shards = context_parallel_size * (tensor_model_parallel_size if sequence_parallel else 1)
     return (FP8_TOKEN_MULTIPLE if fp8 else 2) * shards
 

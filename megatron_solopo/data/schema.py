@@ -18,6 +18,10 @@ Multi-turn (LongPO): one long context and several questions about it::
         {"prompt": "...", "short_context": "<the chunk it was asked from>", "chosen": "...",
          "rejected": "..."}, ...]}
 
+Any form may carry ``evidence_spans``: ``[[start, end], ...]`` character offsets (end exclusive)
+into ``long_context`` of the text the answers rest on (the supporting paragraphs, the chunks the
+questions were asked from); truncation of the long context keeps them (data/encoding.py).
+
 A record may have only a short or only a long context (a multi-turn record has short contexts on
 all of its turns or on none); objectives that need the missing side refuse the dataset when
 training starts. Unknown top-level fields are ignored.
@@ -78,6 +82,7 @@ class PreferenceRecord:
     system: Optional[str] = None
     history: list = dataclasses.field(default_factory=list)  # chat messages before the question
     meta: Optional[dict] = None
+    evidence_spans: tuple = ()  # ((start, end), ...) in long_context, sorted, merged
 
     @property
     def is_multi_turn(self) -> bool:
@@ -221,9 +226,42 @@ def parse_record(raw: bytes, path: str, line: int) -> tuple[Optional[PreferenceR
     if not check.num_contexts and not any(e.field and e.field.endswith("context")
                                           for e in check.errors):
         check.error("long_context", "a record needs short_context or long_context")
+    evidence = _parse_evidence(check, data.get("evidence_spans"), long_context)
     if check.errors:
         return None, check.errors
-    return PreferenceRecord(check.record_id, turns, long_context, system or None, history, meta), []
+    return PreferenceRecord(check.record_id, turns, long_context, system or None, history, meta,
+                            evidence), []
+
+
+def _parse_evidence(check: _Checker, value: Any, long_context: Optional[str]) -> tuple:
+    """``evidence_spans`` sorted and merged; errors name the field."""
+    if value is None:
+        return ()
+    name = "evidence_spans"
+    if long_context is None:
+        check.error(name, "needs a long_context (the spans are character offsets into it)")
+        return ()
+    if not isinstance(value, list):
+        check.error(name, f"should be a list of [start, end] character offsets, got "
+                          f"{type(value).__name__}")
+        return ()
+    spans = []
+    for index, span in enumerate(value):
+        if (not isinstance(span, list) or len(span) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) for b in span)):
+            check.error(f"{name}[{index}]", f"should be [start, end] (integers), got {span!r}")
+        elif not 0 <= span[0] < span[1] <= len(long_context):
+            check.error(f"{name}[{index}]", f"[{span[0]}, {span[1]}] is not a non-empty range "
+                                            f"inside long_context ({len(long_context)} characters)")
+        else:
+            spans.append(tuple(span))
+    merged: list = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
 
 
 def _parse_single_turn(check: _Checker, data: dict, long_context: Optional[str],

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Literal, Optional
 
 import torch
 
+from megatron_solopo.model import rope
 from megatron_solopo.model.config import ModelConfig
 
 AttentionBackend = Literal["auto", "te", "reference"]
@@ -32,47 +32,46 @@ def te_available() -> bool:
         return False
 
 
-def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "reference"]:
-    """``auto`` picks TE where it imports and CUDA is present, else the reference path."""
+def resolve_attention_backend(backend: AttentionBackend, *,
+                              bf16: bool = True) -> Literal["te", "reference"]:
+    """``auto`` picks TE where it imports and CUDA is present and the model is bf16 (TE attention
+    has no fp32 kernel for packed sequences), else the reference path. ``bf16``: the model's
+    precision (``precision.bf16``)."""
+    from megatron_solopo.model.setup_checks import check_te_attention_precision
+
     if backend == "auto":
-        return "te" if te_available() and torch.cuda.is_available() else "reference"
-    if backend == "te" and not te_available():
-        raise ValueError("model attention_backend='te' but Transformer Engine is not importable "
-                         "here; install megatron-solopo[te] (or use an NGC PyTorch container), or "
-                         "set attention_backend='reference'")
+        return "te" if te_available() and torch.cuda.is_available() and bf16 else "reference"
     if backend not in ("te", "reference"):
         raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference")
+    if backend == "te":
+        if not te_available():
+            raise ValueError("model attention_backend='te' but Transformer Engine is not "
+                             "importable here; install megatron-solopo[te] (or use an NGC PyTorch "
+                             "container), or set attention_backend='reference'")
+        from megatron_solopo.model.config import PrecisionConfig
+
+        check_te_attention_precision(PrecisionConfig(bf16=bf16))
     return backend
 
 
-def gpt_layer_spec(backend: Literal["te", "reference"]):
-    """The transformer layer spec for the Llama/Qwen2/Mistral family (RMSNorm, SwiGLU, RoPE)."""
+def gpt_layer_spec(backend: Literal["te", "reference"], qk_layernorm: bool = False):
+    """The transformer layer spec for the Llama/Qwen2/Qwen3/Mistral family (RMSNorm, SwiGLU,
+    RoPE; with ``qk_layernorm``, Qwen3's per-head RMSNorm on queries and keys)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     from megatron_solopo.model.attention import ReferenceCoreAttention
+    from megatron_solopo.parallel.cpu_compat import allow_sequence_parallel_torch_norm
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # The local spec's RMSNorm (torch's) refuses sequence parallelism although its math is the
+    # same under it; the patch marks its weights for the TP all-reduce of their gradients.
+    allow_sequence_parallel_torch_norm()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                    qk_layernorm=qk_layernorm)
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = ReferenceCoreAttention
     return spec
-
-
-def llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
-    """Llama 3.1 frequency scaling with the checkpoint's own parameters (megatron-core hard-codes
-    low=1, high=4, original=8192, which other checkpoints may not use)."""
-    factor = float(rope_scaling["factor"])
-    low = float(rope_scaling.get("low_freq_factor", 1.0))
-    high = float(rope_scaling.get("high_freq_factor", 4.0))
-    original = float(rope_scaling.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = original / low, original / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
 
 
 def unwrap_model(module):
@@ -98,23 +97,41 @@ def build_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    backend = resolve_attention_backend(attention_backend or model.attention_backend)
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    backend = resolve_attention_backend(attention_backend or model.attention_backend,
+                                        bf16=bool(transformer_config.bf16))
     if backend == "reference" and transformer_config.fp8:
         raise ValueError("fp8 needs the Transformer Engine attention/linear layers "
                          "(attention_backend='te')")
-    spec = gpt_layer_spec(backend)
+    spec = gpt_layer_spec(backend, qk_layernorm=model.qk_layernorm)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if padded_vocab_size is None:
         padded_vocab_size = model.padded_vocab_size(tp)
     rope_scaling = model.rope_scaling or {}
-    scaling_type = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    scaling_type = rope.scaling_type(model.rope_scaling)
+    if scaling_type == "yarn" and transformer_config.softmax_scale is None and \
+            rope.softmax_scale(rope_scaling, model.kv_channels, model.max_position_embeddings):
+        raise ValueError("model.rope_scaling is YaRN, whose attention factor lives in the "
+                         "TransformerConfig's softmax_scale; build it with "
+                         "build_transformer_config (or set softmax_scale)")
     vpp = transformer_config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
+        block_spec = spec
+        if backend == "reference":
+            # Megatron builds the final norm as TENorm whenever TE imports, whatever the layer
+            # spec: name the layers' own norm so the reference path has no TE module at all.
+            num_layers = get_num_layers_to_build(
+                transformer_config, vp_stage=stage,
+                pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+            block_spec = TransformerBlockSubmodules(layer_specs=[spec] * num_layers,
+                                                    layer_norm=spec.submodules.input_layernorm)
         gpt = GPTModel(
             config=transformer_config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec,
             vocab_size=padded_vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -126,9 +143,13 @@ def build_model(
                                           if scaling_type == "linear" else None),
             vp_stage=stage,
         )
-        if scaling_type == "llama3" and hasattr(gpt, "rotary_pos_emb"):
+        if scaling_type in ("llama3", "yarn") and hasattr(gpt, "rotary_pos_emb"):
+            # Megatron's rotary module makes the per-position angles (per packed sequence, per CP
+            # rank) from inv_freq; only the frequencies differ (model/rope.py).
             rotary = gpt.rotary_pos_emb
-            rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
+            rotary.inv_freq = rope.scaled_inv_freq(rotary.inv_freq, rope_scaling,
+                                                   model.kv_channels, model.rotary_base,
+                                                   model.max_position_embeddings)
         if torch.cuda.is_available():
             # Megatron-Core creates most parameters on the current device, but modules built from
             # plain torch layers (the local spec's norms, our core attention) stay on the CPU:

@@ -1,4 +1,4 @@
-"""Model architecture (the Llama / Qwen2 / Mistral family) and its mapping to Megatron-Core.
+"""Model architecture (the Llama / Qwen2 / Qwen3 / Mistral family) and its mapping to Megatron-Core.
 
 :class:`ModelConfig` holds what a Hugging Face ``config.json`` holds, in Megatron's field names.
 :func:`build_transformer_config` turns it, the parallel layout and the precision into one
@@ -14,17 +14,17 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from megatron_solopo.model import rope
 from megatron_solopo.parallel.layout import ParallelConfig
 
-FAMILIES = ("llama", "qwen2", "mistral")
-ROPE_SCALING_TYPES = ("linear", "llama3")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    family: Literal["llama", "qwen2", "mistral"] = "llama"
-    """Architecture family (naming for checkpoint conversion; all three share RMSNorm, SwiGLU,
-    RoPE and grouped-query attention)."""
+    family: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+    """Architecture family (naming for checkpoint conversion; all share RMSNorm, SwiGLU, RoPE and
+    grouped-query attention)."""
 
     num_layers: int = 2
     """Number of transformer layers."""
@@ -57,15 +57,22 @@ class ModelConfig:
     """RoPE theta (HF ``rope_theta``). LongPO raises it (e.g. 1e7) for 128K+ windows."""
 
     rope_scaling: Optional[dict] = None
-    """HF-style RoPE scaling: None, ``{"type": "linear", "factor": f}`` or ``{"type": "llama3",
+    """HF-style RoPE scaling: None, ``{"type": "linear", "factor": f}``, ``{"type": "llama3",
     "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
-    "original_max_position_embeddings": 8192}``. Other types are refused."""
+    "original_max_position_embeddings": 8192}`` or ``{"type": "yarn", "factor": 4,
+    "original_max_position_embeddings": 32768}`` (optional: ``attention_factor``, ``beta_fast``,
+    ``beta_slow``, ``mscale``, ``mscale_all_dim``, ``truncate``; transformers' meaning,
+    model/rope.py). Other types are refused."""
 
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
 
     add_qkv_bias: bool = False
     """Bias on the Q/K/V projections (Qwen2: True)."""
+
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3: True; Megatron's
+    ``qk_layernorm``)."""
 
     untie_embeddings_and_output_weights: bool = True
     """False = the output layer shares the input embedding (HF ``tie_word_embeddings``)."""
@@ -75,7 +82,8 @@ class ModelConfig:
 
     attention_backend: Literal["auto", "te", "reference"] = "auto"
     """Core attention: Transformer Engine (GPU) or our reference implementation (CPU, tests);
-    ``auto`` takes TE where it imports and CUDA is present."""
+    ``auto`` takes TE where it imports, CUDA is present and ``precision.bf16`` is set (TE
+    attention has no fp32 kernel for packed sequences; ``te`` in fp32 is refused)."""
 
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra Megatron-Core ``TransformerConfig`` fields, e.g. ``{"recompute_granularity":
@@ -100,7 +108,7 @@ class ModelConfig:
                                  f"model.kv_channels (the head dimension) explicitly")
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.rope_scaling is not None:
-            validate_rope_scaling(self.rope_scaling)
+            rope.validate_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * TP``."""
@@ -115,19 +123,11 @@ class ModelConfig:
         q = self.num_attention_heads * self.kv_channels
         kv = self.num_query_groups * self.kv_channels
         attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0)
+        attention += 2 * self.kv_channels if self.qk_layernorm else 0
         mlp = 3 * h * f
         per_layer = attention + mlp + 2 * h
         embeddings = padded_vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
         return self.num_layers * per_layer + embeddings + h
-
-
-def validate_rope_scaling(rope_scaling: dict) -> None:
-    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
-    if kind not in ROPE_SCALING_TYPES:
-        raise ValueError(f"RoPE scaling type {kind!r} is not supported; supported: "
-                         f"{', '.join(ROPE_SCALING_TYPES)} (or none)")
-    if float(rope_scaling.get("factor", 0)) <= 0:
-        raise ValueError(f"RoPE scaling needs a positive 'factor', got {rope_scaling!r}")
 
 
 @dataclasses.dataclass
@@ -167,11 +167,14 @@ def build_transformer_config(
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_solopo.model import setup_checks
     from megatron_solopo.model.build import resolve_attention_backend
 
     precision = precision or PrecisionConfig()
     if use_te is None:
-        use_te = resolve_attention_backend(model.attention_backend) == "te"
+        use_te = resolve_attention_backend(model.attention_backend, bf16=precision.bf16) == "te"
+    if use_te and parallel.context_parallel_size > 1:
+        setup_checks.check_te_context_parallel(parallel, model, setup_checks.installed_te_version())
     if precision.fp8 and not use_te:
         raise ValueError("precision.fp8 needs Transformer Engine (pip install "
                          "'megatron-solopo[te]', or run in an NGC PyTorch container); it is not "
@@ -191,6 +194,10 @@ def build_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        # YaRN's attention factor (model/rope.py); None = 1/sqrt(kv_channels).
+        softmax_scale=rope.softmax_scale(model.rope_scaling, model.kv_channels,
+                                         model.max_position_embeddings),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -212,10 +219,8 @@ def build_transformer_config(
         persist_layer_norm=fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=fused,
-        # gloo matches two same-peer sends in one batch in issue order: interleaved PP with
-        # PP=2 is silently wrong with batched p2p on CPU (measured; docs/cpu.md).
-        batch_p2p_comm=torch.cuda.is_available(),
+        gradient_accumulation_fusion=fused and setup_checks.grad_accum_fusion_available(),
+        batch_p2p_comm=setup_checks.default_batch_p2p_comm(parallel, torch.cuda.is_available()),
         # Irrelevant without experts, but the default ("allgather") makes TransformerConfig
         # reject variable_seq_lengths, which packed micro-batches under PP need.
         moe_token_dispatcher_type="alltoall",
@@ -225,4 +230,5 @@ def build_transformer_config(
 
     fields.update(coerce_megatron_fields("model.transformer_overrides",
                                          model.transformer_overrides, TransformerConfig))
+    setup_checks.check_transformer_fields(fields, parallel)
     return TransformerConfig(**fields)

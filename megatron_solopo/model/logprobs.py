@@ -98,6 +98,7 @@ class LogprobHead:
         else:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
         hidden_states = hidden_states[:, 0]  # [T_local, h]; THD has a dummy batch dimension
+        run_forward_pre_hooks(output_layer)
         weight = output_weight if output_weight is not None else output_layer.weight
         tp_rank = torch.distributed.get_rank(tp_group) if tp_group is not None else \
             parallel_state.get_tensor_model_parallel_rank()
@@ -121,13 +122,28 @@ class LogprobHead:
 
     def _chunk_logprobs(self, hidden: Tensor, targets: Tensor, *, weight, tp_group, tp_rank,
                         scale_logits) -> Tensor:
-        logits = torch.matmul(hidden, weight.t())  # [c, V/TP]
+        # fp32 logits: a bf16 matmul output would round them (~0.1 at |logit| ~ 30) before the
+        # fp32 softmax. The fp32 [c, V/TP] chunk is the copy vocab_parallel_cross_entropy made
+        # anyway; the fp32 weight copy lives only inside this checkpointed chunk.
+        logits = torch.matmul(hidden.float(), weight.float().t())  # [c, V/TP] fp32
         if scale_logits is not None:
             logits = scale_logits(logits)
         logits = mask_padded_vocab(logits, self.vocab_size, tp_rank)
         from megatron.core import tensor_parallel
 
         return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets, tp_group=tp_group).float()
+
+
+def run_forward_pre_hooks(module) -> None:
+    """Run what calling ``module`` would run before its forward. The head uses the output layer's
+    weight without calling the layer, so Megatron DDP's pre-hook, which waits for that weight's
+    all-gather under ``overlap_param_gather`` (distributed optimizer), must be run by hand: else
+    the matmul races the all-gather and the next step's dispatch finds the handle still open."""
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, (), {})
+        else:
+            hook(module, ())
 
 
 def packed_seq_params(batch: PackedMicroBatch):

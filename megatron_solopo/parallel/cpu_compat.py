@@ -119,10 +119,16 @@ def _shim_default_causal_mask(torch) -> None:
 
 
 def _shim_torch_norm_sequence_parallel(torch) -> None:
-    # transformer/torch_norm.py:50: WrappedTorchNorm (the only norm of the local spec without
-    # apex/TE) asserts `not config.sequence_parallel`. The math is the same under SP provided the
-    # norm weights are marked `.sequence_parallel`, so finalize_model_grads.py:452 all-reduces
-    # their grads over TP, as apex's FusedLayerNorm does (fused_layer_norm.py:119-120).
+    allow_sequence_parallel_torch_norm()
+
+
+def allow_sequence_parallel_torch_norm() -> None:
+    """Not CPU-only: the reference layer spec applies it on GPUs too (model/build.py).
+
+    transformer/torch_norm.py:50: WrappedTorchNorm (the local spec's RMSNorm) asserts
+    `not config.sequence_parallel`. The math is the same under SP provided the norm weights are
+    marked `.sequence_parallel`, so finalize_model_grads.py:452 all-reduces their grads over TP,
+    as apex's FusedLayerNorm does (fused_layer_norm.py:119-120)."""
     from megatron.core.transformer import torch_norm
 
     norm_cls = torch_norm.WrappedTorchNorm

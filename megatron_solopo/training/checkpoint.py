@@ -351,6 +351,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     directory = resolve_checkpoint(path)
     if directory is None:
@@ -371,10 +372,18 @@ def load_checkpoint(
         request["optimizer"] = optimizer.sharded_state_dict(
             request["model"], is_loading=True, metadata=_optimizer_metadata(optimizer, optimizer_metadata))
     try:
-        loaded = dist_checkpointing.load(request, str(directory))
+        # Requests the checkpoint cannot answer come back by name instead of failing inside torch
+        # DCP: `_extra_state` (Transformer Engine's FP8 metadata: its norms and linear layers
+        # have one, the local spec's do not) may be absent, anything else may not.
+        loaded, _, not_in_checkpoint = dist_checkpointing.load(
+            request, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointingException as err:
         raise ValueError(f"{directory} does not fit the model being loaded (its run_config.yaml "
                          f"describes what it holds): {err}") from err
+    absent = sorted(key for key in not_in_checkpoint if not key.endswith("_extra_state"))
+    if absent:
+        raise ValueError(f"{directory} does not fit the model being loaded (its run_config.yaml "
+                         f"describes what it holds): the checkpoint has no {absent}")
     for chunk_name, name, sharded in replaced:
         rows = resize_vocab_rows(loaded["model"][chunk_name][name], sharded.global_shape[0])
         loaded["model"][chunk_name][name] = rows[sharded.global_slice()]

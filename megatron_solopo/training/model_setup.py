@@ -79,7 +79,7 @@ def starting_checkpoint(config) -> tuple[Optional[str], dict]:
 # checkpoint's (RoPE base/scaling, context length, dropout, ... may change).
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "kv_channels", "vocab_size", "add_qkv_bias",
-                "untie_embeddings_and_output_weights")
+                "untie_embeddings_and_output_weights", "qk_layernorm")
 
 
 def _shape(model) -> dict:

@@ -97,8 +97,11 @@ def stage_parameters(config: JobConfig, model, padded_vocab: int) -> int:
     return int(max(first, last))
 
 
-def dry_run(config: JobConfig, world_size: Optional[int] = None,
-            hf_config: Optional[str] = None) -> str:
+def memory_estimate(config: JobConfig, world_size: Optional[int] = None,
+                    hf_config: Optional[str] = None) -> dict:
+    """The ``--dry-run`` plan as numbers: the layout checks, then each memory term per GPU in
+    bytes (``weights``, ``grads``, ``optimizer``, ``activations``, ``head``, ``reference``,
+    ``total``) and what they were computed from. ``hf_config``: see :func:`_model_for_plan`."""
     model = _model_for_plan(config, hf_config)
     parallel = config.parallel
     world = _world_size(world_size)
@@ -111,18 +114,20 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None,
     from megatron_solopo.training.batches import check_groups_per_rank
 
     check_groups_per_rank(config, dp)
+    from megatron_solopo.model import setup_checks
+
+    setup_checks.check_fp8_data_parallel(config.precision, dp)
+    if model.attention_backend != "reference":  # TE's own rules (those of any TE release)
+        setup_checks.check_te_context_parallel(config.parallel, model, te_version=None)
     tp, cp, pp = (parallel.tensor_model_parallel_size, parallel.context_parallel_size,
                   parallel.pipeline_model_parallel_size)
     padded_vocab = model.padded_vocab_size(tp)
-    total = model.num_parameters(model.vocab_size)
     per_gpu = stage_parameters(config, model, padded_vocab)
     param_bytes = 2 if config.precision.bf16 else 4
     distributed = bool(config.optimizer.get("use_distributed_optimizer"))
     grad_bytes = 4 if config.ddp.get("grad_reduce_in_fp32", True) or not config.precision.bf16 else 2
     optimizer_bytes = (4 if config.precision.bf16 else 0) + 8  # fp32 main copy + Adam m, v
     weights = per_gpu * param_bytes
-    grads = per_gpu * grad_bytes
-    optimizer = per_gpu * optimizer_bytes / (dp if distributed else 1)
     tokens = config.data.max_tokens_per_micro_batch / cp
     sp_divisor = tp if parallel.sequence_parallel else 1
     recompute = model.transformer_overrides.get("recompute_granularity")
@@ -130,31 +135,50 @@ def dry_run(config: JobConfig, world_size: Optional[int] = None,
     # scores not stored thanks to flash attention), ~2*h with full recompute (layer inputs only).
     per_token_layer = (2 if recompute == "full" else 34) * model.hidden_size / sp_divisor
     in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches of activations
-    activations = tokens * per_token_layer * (model.num_layers // pp) * in_flight
-    head = config.training.logprob_chunk_size * padded_vocab / tp * (2 + 4 + 4)
-    reference = 0.0
-    if reference_mode(config) == "live":
-        reference = weights  # a frozen copy of the weights, forward only
-    peak = weights + grads + optimizer + activations + head + reference
+    terms = {
+        "weights": weights,
+        "grads": per_gpu * grad_bytes,
+        "optimizer": per_gpu * optimizer_bytes / (dp if distributed else 1),
+        "activations": tokens * per_token_layer * (model.num_layers // pp) * in_flight,
+        # fp32 logits, their masked copy and gradient, plus the fp32 copy of the output weight.
+        "head": (config.training.logprob_chunk_size * padded_vocab / tp * (4 + 4 + 4)
+                 + padded_vocab / tp * model.hidden_size * 4),
+        # A live reference is a frozen copy of the weights, forward only.
+        "reference": weights if reference_mode(config) == "live" else 0.0,
+    }
+    terms["total"] = sum(terms.values())
+    return dict(terms, model=model, world=world, dp=dp, padded_vocab=padded_vocab,
+                per_gpu_parameters=per_gpu, param_bytes=param_bytes, grad_bytes=grad_bytes,
+                distributed=distributed, tokens=tokens, in_flight=in_flight, recompute=recompute)
+
+
+def dry_run(config: JobConfig, world_size: Optional[int] = None,
+            hf_config: Optional[str] = None) -> str:
+    plan = memory_estimate(config, world_size, hf_config)
+    model, parallel = plan["model"], config.parallel
+    total = model.num_parameters(model.vocab_size)
+
     def row(label: str, value: float) -> str:
         return f"  {label:<58s} {value / GIB:8.2f} GiB"
 
     lines = [
-        f"layout: {parallel.describe(world)} (data-parallel size {dp})",
+        f"layout: {parallel.describe(plan['world'])} (data-parallel size {plan['dp']})",
         f"model: {model.family}, {model.num_layers} layers, hidden {model.hidden_size}, "
         f"{model.num_attention_heads} heads / {model.num_query_groups} KV heads, vocab "
-        f"{model.vocab_size} (padded {padded_vocab})",
-        f"parameters: {total:,} total (unpadded vocabulary), {per_gpu:,} on the fullest GPU",
+        f"{model.vocab_size} (padded {plan['padded_vocab']})",
+        f"parameters: {total:,} total (unpadded vocabulary), {plan['per_gpu_parameters']:,} on the "
+        f"fullest GPU",
         f"objective: {config.objective.get('name')} | reference: {reference_mode(config)}",
         "memory per GPU (estimate):",
-        row(f"weights ({param_bytes} B/param)", weights),
-        row(f"main gradients ({grad_bytes} B/param)", grads),
-        row("optimizer state" + (" (distributed over DP)" if distributed else ""), optimizer),
-        row(f"activations ({int(tokens)} tokens/GPU/micro-batch, {in_flight} in flight, "
-            f"recompute={recompute or 'none'})", activations),
-        row(f"LM head chunk ({config.training.logprob_chunk_size} positions)", head),
+        row(f"weights ({plan['param_bytes']} B/param)", plan["weights"]),
+        row(f"main gradients ({plan['grad_bytes']} B/param)", plan["grads"]),
+        row("optimizer state" + (" (distributed over DP)" if plan["distributed"] else ""),
+            plan["optimizer"]),
+        row(f"activations ({int(plan['tokens'])} tokens/GPU/micro-batch, {plan['in_flight']} in "
+            f"flight, recompute={plan['recompute'] or 'none'})", plan["activations"]),
+        row(f"LM head chunk ({config.training.logprob_chunk_size} positions)", plan["head"]),
     ]
-    if reference:
-        lines.append(row("live reference weights", reference))
-    lines.append(row("total", peak))
+    if plan["reference"]:
+        lines.append(row("live reference weights", plan["reference"]))
+    lines.append(row("total", plan["total"]))
     return "\n".join(lines)

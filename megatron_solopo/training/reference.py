@@ -230,6 +230,8 @@ def compute_reference_logps(model_chunks, builder, indices: Sequence[int], roles
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             step = builder.build(indices[start:start + batch_size], batch_size)
+            # Only response log-probs are read: the LM head runs on those positions alone.
             forward_backward(model_chunks, step.micro_batches, record, vocab_size=vocab_size,
-                             forward_only=True, logprob_chunk_size=logprob_chunk_size)
+                             forward_only=True, logprob_chunk_size=logprob_chunk_size,
+                             logprob_mask_fn=lambda batch: batch.loss_mask.bool())
     return values

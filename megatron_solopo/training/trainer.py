@@ -21,6 +21,7 @@ import yaml
 from megatron_solopo.config import (JobConfig, reference_checkpoint, reference_mode,
                                     resolved_objective)
 from megatron_solopo.model.config import build_transformer_config
+from megatron_solopo.model.setup_checks import check_fp8_data_parallel
 from megatron_solopo.objectives import ObjectiveInputs, RoleLogps
 from megatron_solopo.training import checkpoint as ckpt
 from megatron_solopo.training import metrics as metrics_lib
@@ -101,6 +102,7 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         check_groups_per_rank(config, self.dp_size)
+        check_fp8_data_parallel(config.precision, self.dp_size)
         self.world_size = dist.get_world_size()
         self.is_logging_rank = dist.get_rank() == self.world_size - 1  # last PP stage
         self.padded_vocab_size = self.model_config.padded_vocab_size(
@@ -412,6 +414,7 @@ class Trainer:
                                     self.dp_rank, self.dp_size, seed=config.training.seed,
                                     consumed_samples=0, shuffle=False)
         builder, reference_builder = self.valid_builders
+        whole = self.objective.sequence_logps_roles
         totals: dict = {}
         for index, indices in zip(range(config.training.eval_iters), sampler):
             step = builder.build(indices, config.training.global_batch_size)
@@ -422,6 +425,8 @@ class Trainer:
                 outputs = forward_backward(
                     self.model, step.micro_batches, self._loss_fn(step.num_groups, values),
                     vocab_size=self.model_config.vocab_size, forward_only=True,
+                    # As in training: the LM head only where the objective reads a log-prob.
+                    logprob_mask_fn=lambda batch: logprob_positions(batch, whole),
                     logprob_chunk_size=config.training.logprob_chunk_size)
             for name, value in self._reduce_metrics(outputs).items():
                 totals[name] = totals.get(name, 0.0) + value / config.training.eval_iters
@@ -431,6 +436,12 @@ class Trainer:
         """Save this iteration (collective); refuses weights that are not all finite."""
         if not self.config.checkpoint.save:
             return None
+        for chunk in self.model:
+            if chunk.ddp_config.use_distributed_optimizer and chunk.ddp_config.overlap_param_gather:
+                # The last step's updated shards reach the model's parameters at the next
+                # forward; gather them now so the checkpoint holds the stepped weights (as
+                # Megatron-LM's disable_forward_pre_hook(param_sync=True) does before a save).
+                chunk.start_param_sync(force_sync=True)
         common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "scheduler": self.scheduler.state_dict(), "num_skipped": self.num_skipped,
                   "num_nan": self.num_nan}

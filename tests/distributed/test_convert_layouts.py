@@ -59,7 +59,8 @@ def _run_and_resave(megatron_dir: str, save_root: str, keep_hf: bool):
     return verify.split_packed(seen[0], batch)
 
 
-@pytest.mark.parametrize("variant,keep_hf", [("llama_gqa_untied", False), ("qwen2_bias_tied", True)])
+@pytest.mark.parametrize("variant,keep_hf", [("llama_gqa_untied", False), ("qwen2_bias_tied", True),
+                                           ("qwen3_tied", True)])
 def test_tp2_pp2_logprobs_match_transformers_and_resaved_checkpoint_converts_back(
         tmp_path, variant, keep_hf):
     from megatron.core import dist_checkpointing

@@ -52,7 +52,10 @@ def test_defaults_are_solopo_dpo_with_precomputed_reference():
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr='fast' should be of type float"),
     ({"ddp": {"bucket_size": 2.5}}, "ddp.bucket_size=2.5 should be of type int"),
     ({"model": {"family": "gpt2"}}, "model.family='gpt2'"),
-    ({"model": {"rope_scaling": {"type": "yarn", "factor": 4}}}, "RoPE scaling type 'yarn' is not supported"),
+    ({"model": {"rope_scaling": {"type": "dynamic", "factor": 4}}}, "RoPE scaling type 'dynamic' is not supported"),
+    ({"model": {"rope_scaling": {"type": "yarn", "factor": 4}}}, "needs a positive 'original_max_position_embeddings'"),
+    ({"model": {"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 8,
+                                 "beta": 2}}}, "unknown keys ['beta']"),
 ])
 def test_invalid_configs_are_named(raw, message):
     with pytest.raises(ValueError) as err:

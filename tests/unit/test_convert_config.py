@@ -74,8 +74,16 @@ def test_llama3_rope_scaling_keeps_its_parameters():
     (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
      "architectures=['GPT2LMHeadModel'] is not supported"),
     (dict(architectures=None, model_type="gemma"), "model_type='gemma' is not supported"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-     "rope_scaling.rope_type='yarn' is not supported; supported: default, linear, llama3"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+     "rope_scaling.rope_type='dynamic' is not supported; supported: default, linear, llama3, yarn"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "extrapolation": 2}),
+     "rope_scaling={'extrapolation': 2} is not supported; YaRN keys we model"),
+    (dict(rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 512}),
+     "rope_scaling of type 'yarn' has no 'factor'"),
+    (dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=True),
+     "attention_bias=True is not supported"),
+    (dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=True,
+          sliding_window=512, max_window_layers=1), "use_sliding_window=True is not supported"),
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
      "rope_parameters.rope_type='dynamic' is not supported"),
     (dict(rope_scaling={"type": "longrope", "factor": 4.0}), "rope_type='longrope'"),
@@ -118,6 +126,12 @@ def test_windows_that_cover_everything_and_false_flags_are_accepted(allowed):
     dict(LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
     dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral", head_dim=16,
          sliding_window=None, rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32,
+         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}),
+    dict(LLAMA, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": None,
+                                 "original_max_position_embeddings": 512, "beta_fast": 16,
+                                 "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False,
+                                 "attention_factor": 1.2}),
 ])
 @pytest.mark.parametrize("with_original", [True, False])
 def test_config_json_written_back_describes_the_same_model(hf, with_original):
@@ -127,7 +141,7 @@ def test_config_json_written_back_describes_the_same_model(hf, with_original):
     assert written["dtype"] == "bfloat16"
     loaded = transformers.AutoConfig.for_model(**written)  # transformers accepts it as is
     assert type(loaded).__name__ == {"llama": "LlamaConfig", "qwen2": "Qwen2Config",
-                                     "mistral": "MistralConfig"}[model.family]
+                                     "qwen3": "Qwen3Config", "mistral": "MistralConfig"}[model.family]
 
 
 def test_config_json_follows_fields_changed_in_training():
@@ -143,7 +157,51 @@ def test_config_json_follows_fields_changed_in_training():
 @pytest.mark.parametrize("model,message", [
     (ModelConfig(family="llama", add_qkv_bias=True, vocab_size=10), "no Hugging Face equivalent"),
     (ModelConfig(family="qwen2", add_qkv_bias=False, vocab_size=10), "needs add_qkv_bias=True"),
+    (ModelConfig(family="qwen3", vocab_size=10), "qwen3.* with qk_layernorm=False"),
+    (ModelConfig(family="llama", qk_layernorm=True, vocab_size=10), "Qwen3, and only Qwen3"),
 ])
 def test_models_hugging_face_cannot_express_are_refused(model, message):
     with pytest.raises(ValueError, match=message):
         hf_config_from_model(model, None, "float32")
+
+
+QWEN3 = dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32,
+             tie_word_embeddings=True)
+
+
+def test_qwen3_normalizes_queries_and_keys_without_biases():
+    model = model_config_from_hf(QWEN3)
+    assert model.family == "qwen3" and model.qk_layernorm and not model.add_qkv_bias
+    assert model.kv_channels == 32 and model.untie_embeddings_and_output_weights is False
+    # Qwen3Config's head_dim default is 128 whatever hidden / heads is; an omitted one means 128.
+    omitted = {key: value for key, value in QWEN3.items() if key != "head_dim"}
+    assert model_config_from_hf(omitted).kv_channels == transformers.Qwen3Config().head_dim == 128
+
+
+def test_yarn_as_qwen2_5_ships_it():
+    hf = dict(LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+              max_position_embeddings=32768,
+              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    assert model_config_from_hf(hf).rope_scaling == {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+@pytest.mark.parametrize("extra,original", [
+    ({}, 2048),  # absent: max_position_embeddings (transformers' standardization)
+    ({"original_max_position_embeddings": 256}, 256),  # top level (Phi-3 style) wins
+])
+def test_yarn_original_length_when_the_rope_parameters_omit_it(extra, original):
+    hf = dict(LLAMA, rope_scaling={"rope_type": "yarn", "factor": 4.0}, **extra)
+    assert model_config_from_hf(hf).rope_scaling["original_max_position_embeddings"] == original
+
+
+@pytest.mark.parametrize("feature,config,message", [
+    ("qwen3", QWEN3, r"needs transformers >= 4.51 \(installed: 4.50.0\)"),
+    ("yarn", dict(LLAMA, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+     r"rope_type='yarn' is not supported; it needs transformers >= 4.56"),
+])
+def test_features_newer_than_the_installed_transformers_are_refused(monkeypatch, feature, config,
+                                                                     message):
+    monkeypatch.setattr(transformers, "__version__", "4.50.0")
+    with pytest.raises(ValueError, match=message):
+        model_config_from_hf(config)

@@ -95,7 +95,8 @@ def _describe(state: dict) -> list:
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(untie_embeddings_and_output_weights=False),
-                                       dict(add_qkv_bias=True, num_layers=3)])
+                                       dict(add_qkv_bias=True, num_layers=3),
+                                       dict(qk_layernorm=True, kv_channels=16)])
 def test_model_less_shards_equal_a_real_models(single_process_megatron, overrides):
     model = tiny(**overrides)
     padded = model.padded_vocab_size(2)
@@ -107,7 +108,8 @@ def test_model_less_shards_equal_a_real_models(single_process_megatron, override
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(untie_embeddings_and_output_weights=False,
-                                                    add_qkv_bias=True, num_query_groups=1)])
+                                                    add_qkv_bias=True, num_query_groups=1),
+                                       dict(qk_layernorm=True, kv_channels=16)])
 def test_hf_to_canonical_and_back_is_exact(overrides):
     model = tiny(**overrides)
     hf = random_hf_tensors(model)

@@ -29,10 +29,10 @@ def test_pad_multiple_for_context_and_sequence_parallelism():
     assert pad_multiple_for(1, 1, False) == 2
     assert pad_multiple_for(4, 8, False) == 8
     assert pad_multiple_for(4, 8, True) == 64
-    # FP8: each rank's share of a sequence is a multiple of 8 tokens
-    assert pad_multiple_for(1, 1, False, fp8=True) == 8
-    assert pad_multiple_for(2, 4, True, fp8=True) == 64
-    assert pad_multiple_for(2, 4, False, fp8=True) == 16
+    # FP8: each rank's share of a sequence is a multiple of 16 tokens (TE's FP8 GEMM alignment)
+    assert pad_multiple_for(1, 1, False, fp8=True) == 16
+    assert pad_multiple_for(2, 4, True, fp8=True) == 128
+    assert pad_multiple_for(2, 4, False, fp8=True) == 32
 
 
 @pytest.mark.parametrize("cp,tp,sp", [(1, 1, False), (2, 1, False), (4, 2, True)])

@@ -85,3 +85,28 @@ def test_segment_sum_keeps_gradient():
     sums = cpar.segment_sum(values, torch.tensor([0, 2, 6]))
     (sums * torch.tensor([1.0, 2.0])).sum().backward()
     assert values.grad.tolist() == [1, 1, 2, 2, 2, 2]
+
+
+def test_logprob_head_computes_bf16_models_logits_in_fp32(single_process_megatron):
+    """The head's logits reach the softmax in fp32 (a bf16 matmul output would be rounded by
+    ~1e-2 first), and the output layer's forward pre-hooks run although the layer is not called
+    (Megatron DDP waits there for the weight's all-gather under overlap_param_gather)."""
+    from megatron_solopo.model.logprobs import LogprobHead
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 1, 32, generator=gen).bfloat16()  # logits of std ~6
+    layer = torch.nn.Linear(32, 40, bias=False).bfloat16()
+    layer.tp_group, layer.sequence_parallel = None, False
+    calls = []
+    layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+    labels = torch.randint(0, 36, (1, 6), generator=gen)
+    needed = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    with torch.no_grad():
+        out = LogprobHead(vocab_size=36, chunk_size=4)(
+            hidden_states=hidden, output_layer=layer, output_weight=None, labels=labels,
+            context=needed)
+    logits = hidden[:, 0].double() @ layer.weight.double().t()
+    reference = torch.log_softmax(logits[:, :36], -1).gather(-1, labels[0, :, None])[:, 0]
+    assert out.dtype == torch.float32 and calls == [layer]
+    torch.testing.assert_close(out[needed].double(), reference[needed], rtol=1e-5, atol=1e-5)
+    assert bool((out[~needed] == 0).all())

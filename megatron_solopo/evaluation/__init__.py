@@ -1,0 +1,1 @@
+"""Evaluation helpers: answer metrics (``metrics``), reused by data construction."""
