@@ -4,8 +4,8 @@
 (``reference.checkpoint``, default ``checkpoint.load``, with ``reference.model_overrides``) over
 every record of the training set (and the validation set, if any) for the objective's reference
 roles, and writes ``<prefix>.reference-<key>.npz`` beside each dataset (the key: a short hash
-of the reference roles, checkpoint and ``reference.model_overrides``, so the caches of runs with
-other objectives or reference models on the same data coexist).
+of the reference checkpoint and ``reference.model_overrides``, so caches of other reference models
+on the same data coexist; roles another objective computed into that file are kept).
 
 A target whose cache is already fresh is skipped (a requeued job does not redo the pass): fresh
 means that training would accept it (same reference checkpoint fingerprint, same dataset, every
@@ -113,10 +113,10 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
     initialize_distributed(config.parallel, model=model_config, seed=config.training.seed)
     roles = objective.reference_roles
     targets = [(config.data.train_prefix,
-                output or run_cache_path(config, config.data.train_prefix, roles))]
+                output or run_cache_path(config, config.data.train_prefix))]
     if config.data.valid_prefix:
         targets.append((config.data.valid_prefix,
-                        run_cache_path(config, config.data.valid_prefix, roles)))
+                        run_cache_path(config, config.data.valid_prefix)))
     datasets = {prefix: train_set if prefix == config.data.train_prefix else PreferenceDataset(prefix)
                 for prefix, _ in targets}
 
@@ -184,6 +184,7 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
                     "dataset": {key: dataset.metadata.get(key)
                                 for key in ("source_hash", "num_records", "tokenizer")},
                 })
+                cache = cache.merged_with(path, dataset.metadata)  # keep other objectives' roles
                 cache.save(path)
                 print(f"{PREFIX} reference log-probs for {len(dataset)} records "
                       f"({', '.join(r.value for r in roles)}) -> {path} in "

@@ -25,21 +25,20 @@ from megatron_solopo.roles import ALL_ROLES, Role
 CACHE_SUFFIX = ".reference.npz"  # the name before caches were keyed (still read)
 
 
-def default_cache_path(data_prefix: str, roles: Sequence[Role] = (), settings: Optional[dict] = None
-                       ) -> str:
-    """``<prefix>.reference-<key>.npz``: the key is a short hash of the reference roles and the
-    reference settings (its checkpoint path, ``reference.model_overrides``), so caches for other
-    objectives or reference models of the same dataset sit side by side (a LongPO run does not
-    overwrite a SoLoPO run's cache). Staleness (same path, other content) is still checked by
-    fingerprint when the cache is read. Without roles: the unkeyed name older versions wrote."""
-    if not roles:
+def default_cache_path(data_prefix: str, settings: Optional[dict] = None) -> str:
+    """``<prefix>.reference-<key>.npz``: the key is a short hash of the reference settings (its
+    checkpoint path, ``reference.model_overrides``), so caches for other reference models of the
+    same dataset sit side by side, and objectives with the same reference share one file, merged
+    per role (a LongPO run adds its roles to a SoLoPO run's cache instead of replacing it).
+    Staleness (same path, other content) is still checked by fingerprint when the cache is read.
+    Without settings: the unkeyed name older versions wrote."""
+    if settings is None:
         return data_prefix + CACHE_SUFFIX
-    key = json.dumps({"roles": sorted(role.value for role in roles), "settings": settings or {}},
-                     sort_keys=True, default=str)
+    key = json.dumps(settings, sort_keys=True, default=str)
     return f"{data_prefix}.reference-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz"
 
 
-def run_cache_path(config, data_prefix: str, roles: Sequence[Role]) -> str:
+def run_cache_path(config, data_prefix: str) -> str:
     """The cache a run reads and tools/precompute_reference.py writes for ``data_prefix``:
     ``reference.cache`` for the training set when set, else the keyed default."""
     from megatron_solopo.config import reference_checkpoint
@@ -49,13 +48,13 @@ def run_cache_path(config, data_prefix: str, roles: Sequence[Role]) -> str:
     checkpoint = reference_checkpoint(config)
     settings = {"checkpoint": os.path.realpath(checkpoint) if checkpoint else None,
                 "model_overrides": config.reference.model_overrides}
-    return default_cache_path(data_prefix, roles, settings)
+    return default_cache_path(data_prefix, settings)
 
 
-def cache_to_read(config, data_prefix: str, roles: Sequence[Role]) -> str:
+def cache_to_read(config, data_prefix: str) -> str:
     """:func:`run_cache_path`, or the unkeyed ``<prefix>.reference.npz`` of an older version when
     only that exists (it is checked like any cache)."""
-    path = run_cache_path(config, data_prefix, roles)
+    path = run_cache_path(config, data_prefix)
     legacy = default_cache_path(data_prefix)
     if not Path(path).exists() and not config.reference.cache and Path(legacy).exists():
         return legacy
@@ -125,6 +124,31 @@ class ReferenceCache:
             raise ValueError(f"reference cache {path} cannot be read ({type(err).__name__}: "
                              f"{err}); recompute it with tools/precompute_reference.py "
                              f"--force") from None
+
+    def merged_with(self, path: str, dataset_metadata: dict) -> "ReferenceCache":
+        """This cache plus the roles that the cache already at ``path`` holds and this one does
+        not, when that one is of the same checkpoint, dataset and records (else this cache)."""
+        try:
+            existing = ReferenceCache.load(path)
+        except ValueError:
+            return self
+        same = (existing.problem(fingerprint=self.metadata["checkpoint_fingerprint"],
+                                 dataset_metadata=dataset_metadata, roles=()) is None
+                and [str(r) for r in existing.record_ids] == [str(r) for r in self.record_ids]
+                and existing.logps.shape == self.logps.shape)
+        if not same:
+            return self
+        extra = [role for role in existing.metadata.get("roles", [])
+                 if role not in self.metadata["roles"]]
+        if not extra:
+            return self
+        logps = self.logps.copy()
+        for value in extra:
+            column = Role(value).index
+            logps[:, column] = existing.logps[:, column]
+        roles = sorted(set(self.metadata["roles"]) | set(extra),
+                       key=lambda value: Role(value).index)
+        return ReferenceCache(logps, self.record_ids, dict(self.metadata, roles=roles))
 
     def problem(self, *, fingerprint: str, dataset_metadata: dict,
                 roles: Sequence[Role]) -> Optional[str]:

@@ -240,13 +240,12 @@ class Trainer:
                 f"holds the trained model once the run has saved)")
         if self.reference_mode == "precomputed":
             fingerprint = checkpoint_fingerprint(checkpoint)
-            roles = self.objective.reference_roles
             self.reference_values = self._load_cache(
-                cache_to_read(self.config, self.config.data.train_prefix, roles),
+                cache_to_read(self.config, self.config.data.train_prefix),
                 self.train_set, fingerprint)
             if self.valid_set is not None:
                 self.valid_reference_values = self._load_cache(
-                    cache_to_read(self.config, self.config.data.valid_prefix, roles),
+                    cache_to_read(self.config, self.config.data.valid_prefix),
                     self.valid_set, fingerprint)
             return
         self.reference_model = self._build_live_reference(checkpoint)

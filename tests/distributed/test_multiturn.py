@@ -47,14 +47,12 @@ def test_reference_cache_sums_the_turns(setup, tmp_path):
     from megatron_solopo.convert.verify import hf_logprobs
     from megatron_solopo.data.dataset import PreferenceDataset
     from megatron_solopo.roles import Role
-    from megatron_solopo.config import config_from_dict, resolved_objective
+    from megatron_solopo.config import config_from_dict
     from megatron_solopo.training.reference import ReferenceCache, run_cache_path
 
     paths, _ = setup
     dataset = PreferenceDataset(paths["train"])
-    run = config_from_dict(config(setup))
-    cache = ReferenceCache.load(run_cache_path(run, paths["train"],
-                                               resolved_objective(run).reference_roles))
+    cache = ReferenceCache.load(run_cache_path(config_from_dict(config(setup)), paths["train"]))
     hf_dir = megatron_to_hf(paths["init"], tmp_path / "hf")
     for index in range(3):
         group = dataset.get_group(index, [Role.SHORT_CHOSEN, Role.SHORT_REJECTED])

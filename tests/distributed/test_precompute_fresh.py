@@ -41,12 +41,10 @@ def setup(tmp_path_factory):
     raw = base_config(paths, str(root))
     raw["data"]["valid_prefix"] = paths["valid"]
     run_distributed(write_initial, 1, raw, paths["init"])
-    from megatron_solopo.config import config_from_dict, resolved_objective
     from megatron_solopo.training.reference import run_cache_path
 
     config = config_from_dict(raw)
-    roles = resolved_objective(config).reference_roles
-    caches = [run_cache_path(config, paths[split], roles) for split in ("train", "valid")]
+    caches = [run_cache_path(config, paths[split]) for split in ("train", "valid")]
     return raw, caches, root
 
 
@@ -150,3 +148,30 @@ def test_reference_free_run_has_nothing_to_precompute(setup):
     with redirect_stdout(buffer):
         assert precompute_reference(config_from_dict(simpo)) == []
     assert "nothing to precompute: reference.mode=none" in buffer.getvalue()
+
+
+def test_objectives_with_the_same_reference_share_one_cache_merged_per_role(setup):
+    """A Long-DPO precompute on a SoLoPO run's data adds its roles to the SoLoPO cache instead of
+    replacing it: the SoLoPO run still finds its roles fresh afterwards."""
+    from megatron_solopo.training.reference import ReferenceCache
+
+    raw, caches, root = setup
+    solopo = copy.deepcopy(raw)
+    solopo["data"]["valid_prefix"] = None
+    run_distributed(run_precompute, 1, solopo)
+    before = ReferenceCache.load(caches[0])
+    long_dpo = copy.deepcopy(solopo)
+    long_dpo["objective"] = {"name": "long_dpo", "beta": 0.1}
+    (result,) = run_distributed(run_precompute, 1, long_dpo)
+    assert result["paths"] == [caches[0]]
+    assert "computing (partial: lacks role(s)" in result["output"], result["output"]
+    merged = ReferenceCache.load(caches[0])
+    assert set(merged.metadata["roles"]) == set(before.metadata["roles"]) | {"long/chosen",
+                                                                             "long/rejected"}
+    for value in before.metadata["roles"]:
+        from megatron_solopo.roles import Role
+
+        column = Role(value).index
+        np.testing.assert_allclose(merged.logps[:, column], before.logps[:, column], rtol=1e-6)
+    (again,) = run_distributed(run_precompute, 1, solopo)
+    assert ": fresh" in again["output"] and "computing" not in again["output"], again["output"]

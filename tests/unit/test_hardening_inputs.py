@@ -128,32 +128,28 @@ def test_single_device_example_needs_no_gpu_features():
     assert "precision.fp8=hybrid" in header and "parallel.context_parallel_size=2" in header
 
 
-# -- 3. reference caches of different roles/settings coexist --------------------------------------
-def test_reference_cache_paths_are_keyed_by_roles_and_settings(tmp_path):
-    from megatron_solopo.config import resolved_objective
+# -- 3. reference caches of different reference settings coexist --------------------------------
+def test_reference_cache_paths_are_keyed_by_reference_settings(tmp_path):
     from megatron_solopo.training.reference import cache_to_read, run_cache_path
 
     def path_for(objective, **reference):
         raw = {"data": {"train_prefix": str(tmp_path / "train")}, "objective": objective,
                "reference": dict({"checkpoint": str(tmp_path / "ckpt")}, **reference)}
         config = config_from_dict(raw)
-        return config, run_cache_path(config, config.data.train_prefix,
-                                      resolved_objective(config).reference_roles)
+        return config, run_cache_path(config, config.data.train_prefix)
 
     solopo_config, solopo = path_for({"name": "solopo", "base": "dpo"})
-    _, longpo = path_for({"name": "longpo"})
+    _, longpo = path_for({"name": "longpo"})  # same reference: one file, merged per role
     _, longpo_rope = path_for({"name": "longpo"}, model_overrides={"rotary_base": 10000.0})
     _, other_ckpt = path_for({"name": "solopo", "base": "dpo"}, checkpoint=str(tmp_path / "b"))
-    _, again = path_for({"name": "solopo", "base": "dpo", "beta": 0.3})  # beta: same values
-    assert len({solopo, longpo, longpo_rope, other_ckpt}) == 4
-    assert again == solopo and solopo.startswith(str(tmp_path / "train") + ".reference-")
+    assert longpo == solopo and len({solopo, longpo_rope, other_ckpt}) == 3
+    assert solopo.startswith(str(tmp_path / "train") + ".reference-")
     # An older unkeyed cache is read when no keyed one exists.
-    roles = resolved_objective(solopo_config).reference_roles
     legacy = tmp_path / "train.reference.npz"
     legacy.write_bytes(b"")
-    assert cache_to_read(solopo_config, str(tmp_path / "train"), roles) == str(legacy)
+    assert cache_to_read(solopo_config, str(tmp_path / "train")) == str(legacy)
     Path(solopo).write_bytes(b"")
-    assert cache_to_read(solopo_config, str(tmp_path / "train"), roles) == solopo
+    assert cache_to_read(solopo_config, str(tmp_path / "train")) == solopo
 
 
 # -- 5. damaged files and bad outputs -----------------------------------------------------------
