@@ -57,7 +57,8 @@ class ReferenceConfig:
 
     cache: Optional[str] = None
     """Precomputed cache of the training set (tools/precompute_reference.py); default
-    ``<data.train_prefix>.reference-<key>.npz``, keyed by the reference roles and settings."""
+    ``<data.train_prefix>.reference-<key>.npz``, keyed by the reference checkpoint and
+    ``model_overrides`` (objectives sharing a reference share the file, merged per role)."""
 
     checkpoint: Optional[str] = None
     """The frozen reference model; default ``checkpoint.load`` (the starting point), unless that is

@@ -5,8 +5,8 @@
 
 Runs the frozen reference model (reference.checkpoint, default checkpoint.load) over the
 training set (and data.valid_prefix) and writes <prefix>.reference-<key>.npz beside each dataset
-(the key hashes the reference roles, checkpoint and model overrides, so caches of runs with other
-objectives or reference models on the same data coexist), with the checkpoint's fingerprint: training refuses a cache computed from another checkpoint or dataset.
+(the key hashes the reference checkpoint and model overrides, so caches of other reference models
+on the same data coexist; roles another objective computed into the file are kept), with the checkpoint's fingerprint: training refuses a cache computed from another checkpoint or dataset.
 A cache that is already fresh (same checkpoint fingerprint, dataset, roles and model settings,
 every value present) is kept and a line says so, so a requeued job skips the pass; --force
 recomputes it. A run that needs no precomputed reference (reference-free objective, or
