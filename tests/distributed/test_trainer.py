@@ -231,6 +231,16 @@ def test_stale_reference_cache_is_refused(setup, tmp_path):
     raw["reference"]["checkpoint"] = str(other)
     from tests.distributed.trainer_common import write_initial
     run_distributed(write_initial, 1, raw, str(other))
+    # Another reference has caches of its own (keyed by its path): none computed yet.
+    with pytest.raises(pytest.fail.Exception, match=r"reference cache \S+\.reference-\w+\.npz "
+                                                    r"does not exist"):
+        run_distributed(train, 1, raw)
+    # The first reference's cache named explicitly: refused as stale.
+    from megatron_solopo.config import config_from_dict
+    from megatron_solopo.training.reference import run_cache_path
+
+    raw["reference"]["cache"] = run_cache_path(config_from_dict(base_config(paths, str(root))),
+                                               paths["train"])
     with pytest.raises(pytest.fail.Exception, match="is stale: it was computed from checkpoint"):
         run_distributed(train, 1, raw)
 
