@@ -11,20 +11,30 @@ without TE:
   global position (the load-balanced layout of ``parallel/context_parallel.py``);
 - grouped-query attention.
 
+- shared-prefix segments (data/batch.py): inside a segment ``[prefix | chosen | rejected]`` the
+  rejected branch's queries do not see the chosen branch's keys (``branch_bounds``).
+
 It loops over the sequences of a pack and uses ``scaled_dot_product_attention`` per sequence, so
 memory is O(L_i * L_i / CP) per sequence, not O(T^2). It is a reference, not a fast path: long
-runs on GPU use TE.
+runs on GPU use TE, or :class:`FlexCoreAttention` (``attention_backend: flex``), the same masks as
+one FlexAttention call with a block-sparse mask, for GPUs without Transformer Engine.
+
+:func:`enable_position_rope` makes a GPTModel's rotary embedding honour per-token positions
+(shared-prefix segments continue the prefix's positions in the rejected branch), which
+Megatron-Core's THD RoPE otherwise restarts at every ``cu_seqlens`` boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
@@ -87,7 +97,8 @@ class ReferenceCoreAttention(MegatronModule):
             cu_seqlens = packed_seq_params.cu_seqlens_q_padded
             if cu_seqlens is None:
                 cu_seqlens = packed_seq_params.cu_seqlens_q
-            return self._packed(query, key, value, cu_seqlens)
+            return self._packed(query, key, value, cu_seqlens,
+                                getattr(packed_seq_params, "branch_bounds", None))
         # [s, b, heads, dim]: each batch row is one sequence (of length s * CP under CP).
         seq_len, batch = query.shape[0], query.shape[1]
         if attention_mask is not None and self.cp_size == 1 and batch > 0:
@@ -114,9 +125,12 @@ class ReferenceCoreAttention(MegatronModule):
                                                  is_causal=causal, scale=self.softmax_scale)
         return out.squeeze(0).transpose(0, 1).reshape(out.shape[2], -1)
 
-    def _packed(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor) -> Tensor:
-        """query [T/cp, heads, d], key/value [T/cp, kv_heads, d] -> [T/cp, heads * d]."""
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
+                branch_bounds: Optional[Tensor] = None) -> Tensor:
+        """query [T/cp, heads, d], key/value [T/cp, kv_heads, d] -> [T/cp, heads * d].
+        ``branch_bounds`` [S, 2]: keys at [a, b) of segment i are hidden from its queries >= b."""
         cu_seqlens = cu_seqlens.to("cpu", torch.long)
+        bounds = branch_bounds.tolist() if branch_bounds is not None else None
         cp_size = self.cp_size
         if cp_size > 1:
             order = self._global_order(cu_seqlens).to(key.device)
@@ -132,15 +146,23 @@ class ReferenceCoreAttention(MegatronModule):
             v = value[global_cu[index]:global_cu[index + 1]]
             if q.shape[0] == 0:
                 continue
-            if cp_size == 1:
+            length = k.shape[0]
+            branch = bounds is not None and bounds[index][0] < bounds[index][1]
+            if cp_size == 1 and not branch:
                 outputs.append(self._attend(q, k, v, None, causal=True))
                 continue
-            length = k.shape[0]
-            chunk = length // (2 * cp_size)
-            q_pos = torch.cat([torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk),
-                               torch.arange((2 * cp_size - 1 - cp_rank) * chunk,
-                                            (2 * cp_size - cp_rank) * chunk)])
-            allowed = torch.arange(length)[None, :] <= q_pos[:, None]  # [lq, lk], True = attend
+            if cp_size == 1:
+                q_pos = torch.arange(length)
+            else:
+                chunk = length // (2 * cp_size)
+                q_pos = torch.cat([torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk),
+                                   torch.arange((2 * cp_size - 1 - cp_rank) * chunk,
+                                                (2 * cp_size - cp_rank) * chunk)])
+            k_pos = torch.arange(length)[None, :]
+            allowed = k_pos <= q_pos[:, None]  # [lq, lk], True = attend
+            if branch:
+                first, second = bounds[index]
+                allowed &= ~((k_pos >= first) & (k_pos < second) & (q_pos[:, None] >= second))
             outputs.append(self._attend(q, k, v, allowed.to(q.device), causal=False))
         return torch.cat(outputs, dim=0)
 
@@ -154,3 +176,140 @@ class ReferenceCoreAttention(MegatronModule):
             outputs.append(self._attend(query[:, row], key[:, row], value[:, row], allowed, False))
         return torch.stack(outputs, dim=1)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention: the same masks in one block-sparse kernel (GPU without Transformer Engine)
+# ---------------------------------------------------------------------------------------------
+_BLOCK_MASK_CACHE: dict = {}
+_COMPILED_FLEX = None
+
+
+def _flex_attention():
+    """FlexAttention is fast only compiled (eager runs a dense reference); CPU has no backward
+    and is used here for forward checks only, uncompiled."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not torch.cuda.is_available():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
+
+
+def packed_block_mask(cu_seqlens: Tensor, branch_bounds: Optional[Tensor], cp_size: int,
+                      cp_rank: int, device: torch.device):
+    """The FlexAttention ``BlockMask`` of a pack: causal inside each segment, the chosen branch
+    of a shared segment hidden from its rejected branch; queries are this CP rank's tokens (its
+    load-balanced order), keys the whole pack in global order. Cached for the layers of one
+    forward (every layer sees the same metadata)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cu = cu_seqlens.to("cpu", torch.long)
+    bounds = None if branch_bounds is None else branch_bounds.to("cpu", torch.long)
+    key = (tuple(cu.tolist()), None if bounds is None else tuple(bounds.flatten().tolist()),
+           cp_size, cp_rank, str(device))
+    if key in _BLOCK_MASK_CACHE:
+        return _BLOCK_MASK_CACHE[key]
+    lengths = cu[1:] - cu[:-1]
+    num_tokens = int(cu[-1])
+    kv_segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    kv_offset = torch.arange(num_tokens) - cu[:-1][kv_segment]
+    if bounds is None:
+        bounds = torch.stack([lengths, lengths], dim=1)
+    q_index = cpar.zigzag_indices(cu, cp_size, cp_rank) if cp_size > 1 else torch.arange(num_tokens)
+    q_segment, q_offset = kv_segment[q_index], kv_offset[q_index]
+    q_segment, q_offset, kv_segment, kv_offset, first, second = (
+        t.to(device) for t in (q_segment, q_offset, kv_segment, kv_offset, bounds[:, 0], bounds[:, 1]))
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        segment = q_segment[q_idx]
+        q_off, kv_off = q_offset[q_idx], kv_offset[kv_idx]
+        hidden = (kv_off >= first[segment]) & (kv_off < second[segment]) & (q_off >= second[segment])
+        return (segment == kv_segment[kv_idx]) & (kv_off <= q_off) & ~hidden
+
+    mask = create_block_mask(mask_mod, None, None, q_index.numel(), num_tokens, device=device,
+                             _compile=device.type == "cuda")
+    _BLOCK_MASK_CACHE.clear()  # one pack at a time: a new micro-batch replaces the old mask
+    _BLOCK_MASK_CACHE[key] = mask
+    return mask
+
+
+class FlexCoreAttention(ReferenceCoreAttention):
+    """``attention_backend: flex``: :class:`ReferenceCoreAttention`'s masks (packed sequences,
+    shared-prefix segments, context parallelism through all-gathered K/V) as one FlexAttention
+    call with a block-sparse mask, so work and memory follow the mask instead of looping over
+    sequences. A fast path for GPUs without Transformer Engine, not a reference; on CPU it runs
+    forward only (PyTorch has no CPU backward for FlexAttention)."""
+
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
+                branch_bounds: Optional[Tensor] = None) -> Tensor:
+        if self.training and self.dropout_p > 0:
+            raise ValueError("attention_backend 'flex' has no attention dropout; set "
+                             "attention_dropout to 0 or use attention_backend 'reference'")
+        cp_rank = 0
+        if self.cp_size > 1:
+            order = self._global_order(cu_seqlens.to("cpu", torch.long)).to(key.device)
+            key = cpar.all_gather_context_parallel(key, self.cp_group).index_select(0, order)
+            value = cpar.all_gather_context_parallel(value, self.cp_group).index_select(0, order)
+            cp_rank = self.cp_group.rank()
+        mask = packed_block_mask(cu_seqlens, branch_bounds, self.cp_size, cp_rank, query.device)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, t, d]
+        out = _flex_attention()(q, k, v, block_mask=mask, scale=self.softmax_scale,
+                                enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE at per-token positions
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SharedPrefixSeqParams(PackedSeqParams):
+    """Megatron's THD parameters plus what shared-prefix segments need: ``branch_bounds`` [S, 2]
+    (the chosen branch of segment i, hidden from its rejected branch) and ``rope_positions`` [T]
+    (every token's global position). Megatron passes the object to core attention unchanged."""
+
+    branch_bounds: Optional[Tensor] = None
+    rope_positions: Optional[Tensor] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+def enable_position_rope(rotary, config) -> None:
+    """Let a GPTModel's rotary embedding module take per-token positions from the packed
+    sequence parameters (``rope_positions``, global ``[T]``, set for shared-prefix packs by
+    model/logprobs.py::packed_seq_params).
+
+    GPTModel asks the module for the table length (``get_rotary_seq_len``, which sees the packed
+    parameters) and then for the table ``[max_seqlen, 1, 1, d]``, which Megatron's THD RoPE applies
+    restarting at every segment. Given positions, the table becomes ``table[positions]``, one row
+    per token of the pack: Megatron's unfused THD RoPE then indexes it by each token's global
+    offset (its "packed freqs" mode, context parallelism included), so a rejected branch gets the
+    positions that continue its prefix. Packs without positions are untouched. Patched on the
+    instance (not wrapped) so the module's state-dict keys stay Megatron's."""
+    original_length = rotary.get_rotary_seq_len
+    original_forward = rotary.forward
+    pending: dict = {}
+
+    def get_rotary_seq_len(*args, **kwargs):
+        params = kwargs.get("packed_seq_params", args[4] if len(args) > 4 else None)
+        pending["positions"] = getattr(params, "rope_positions", None)
+        return original_length(*args, **kwargs)
+
+    def forward(*args, **kwargs):
+        table = original_forward(*args, **kwargs)
+        positions = pending.pop("positions", None)
+        if positions is None:
+            return table
+        if config.apply_rope_fusion:
+            raise ValueError("shared-prefix packing needs the unfused RoPE (apply_rope_fusion "
+                             "False): the fused THD kernel restarts positions at every segment; "
+                             "remove apply_rope_fusion from model.transformer_overrides or set "
+                             "data.shared_prefix: false")
+        if isinstance(table, tuple):  # YaRN returns (table, mscale)
+            return (table[0].index_select(0, positions.to(table[0].device)), *table[1:])
+        return table.index_select(0, positions.to(table.device))
+
+    rotary.get_rotary_seq_len = get_rotary_seq_len
+    rotary.forward = forward

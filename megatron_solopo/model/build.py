@@ -1,5 +1,5 @@
 """Megatron-Core GPTModel construction: Transformer Engine spec when TE imports, else the local
-spec with our reference core attention.
+spec with our reference core attention (or FlexAttention, ``attention_backend: flex``).
 
 Only this package knows Megatron module specs. :func:`build_model` returns one GPTModel per
 virtual pipeline stage of this rank (a list of one without the interleaved schedule), each
@@ -17,7 +17,7 @@ import torch
 
 from megatron_solopo.model.config import ModelConfig
 
-AttentionBackend = Literal["auto", "te", "reference"]
+AttentionBackend = Literal["auto", "te", "reference", "flex"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,7 +32,7 @@ def te_available() -> bool:
         return False
 
 
-def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "reference"]:
+def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "reference", "flex"]:
     """``auto`` picks TE where it imports and CUDA is present, else the reference path."""
     if backend == "auto":
         return "te" if te_available() and torch.cuda.is_available() else "reference"
@@ -40,22 +40,30 @@ def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "refer
         raise ValueError("model attention_backend='te' but Transformer Engine is not importable "
                          "here; install megatron-solopo[te] (or use an NGC PyTorch container), or "
                          "set attention_backend='reference'")
-    if backend not in ("te", "reference"):
-        raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference")
+    if backend not in ("te", "reference", "flex"):
+        raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference, flex")
     return backend
 
 
-def gpt_layer_spec(backend: Literal["te", "reference"]):
+def supports_shared_prefix(backend: AttentionBackend) -> bool:
+    """Whether the (resolved) attention backend computes shared-prefix segments exactly
+    (data.shared_prefix; docs/data.md). Transformer Engine's THD attention has no mask that
+    hides one part of a sequence from a later part (see docs/context_parallel.md)."""
+    return resolve_attention_backend(backend) in ("reference", "flex")
+
+
+def gpt_layer_spec(backend: Literal["te", "reference", "flex"]):
     """The transformer layer spec for the Llama/Qwen2/Mistral family (RMSNorm, SwiGLU, RoPE)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from megatron_solopo.model.attention import ReferenceCoreAttention
+    from megatron_solopo.model.attention import FlexCoreAttention, ReferenceCoreAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = ReferenceCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = (
+        FlexCoreAttention if backend == "flex" else ReferenceCoreAttention)
     return spec
 
 
@@ -129,6 +137,11 @@ def build_model(
         if scaling_type == "llama3" and hasattr(gpt, "rotary_pos_emb"):
             rotary = gpt.rotary_pos_emb
             rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
+        if hasattr(gpt, "rotary_pos_emb"):
+            from megatron_solopo.model.attention import enable_position_rope
+
+            # Shared-prefix packs carry per-token RoPE positions (a no-op for other packs).
+            enable_position_rope(gpt.rotary_pos_emb, transformer_config)
         if torch.cuda.is_available():
             # Megatron-Core creates most parameters on the current device, but modules built from
             # plain torch layers (the local spec's norms, our core attention) stay on the CPU:
