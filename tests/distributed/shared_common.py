@@ -270,3 +270,14 @@ def check_flex_forward(parallel_fields: dict, objective_name: str, num_groups: i
                              f"flex, shared={shared}: per-sequence {name}, micro-batch {index}", rtol)
         results[shared] = len(captured)
     return results
+
+
+def check_all_objectives(parallel_fields: dict, objectives=tuple(OBJECTIVES)) -> dict:
+    """Rank function: :func:`check_shared_prefix` for every objective, one process group."""
+    from megatron.core import parallel_state
+
+    checked = {}
+    for name in objectives:
+        checked[name] = check_shared_prefix(parallel_fields, name)["checked"]
+        parallel_state.destroy_model_parallel()
+    return checked
