@@ -152,6 +152,20 @@ class ReferenceCoreAttention(MegatronModule):
                 outputs.append(self._attend(q, k, v, None, causal=True))
                 continue
             if cp_size == 1:
+                # [prefix | chosen] is plain causal; the rejected branch attends to a key list
+                # that is the prefix followed by itself, causal aligned bottom-right. The masks
+                # stay [R, P + R] instead of [L, L].
+                first, second = bounds[index]
+                head = self._attend(q[:second], k[:second], v[:second], None, causal=True)
+                rows = length - second
+                keys = torch.cat([k[:first], k[second:]])
+                values = torch.cat([v[:first], v[second:]])
+                allowed = (torch.arange(first + rows)[None, :]
+                           <= first + torch.arange(rows)[:, None])
+                tail = self._attend(q[second:], keys, values, allowed.to(q.device), causal=False)
+                outputs.append(torch.cat([head, tail]))
+                continue
+            if cp_size == 1:
                 q_pos = torch.arange(length)
             else:
                 chunk = length // (2 * cp_size)
