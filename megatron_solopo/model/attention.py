@@ -276,6 +276,94 @@ class FlexCoreAttention(ReferenceCoreAttention):
 
 
 # ---------------------------------------------------------------------------------------------
+# Transformer Engine (no context parallelism): separate query and key/value segments
+# ---------------------------------------------------------------------------------------------
+_TE_LAYOUT_CACHE: dict = {}
+
+
+@dataclasses.dataclass
+class SharedPrefixTELayout:
+    """A shared-prefix pack as THD query and key/value segments for one TE call: a shared
+    segment ``[prefix | chosen | rejected]`` gives two query segments, ``[prefix | chosen]``
+    (keys the same tokens) and ``[rejected]`` (keys: the prefix followed by the rejected branch,
+    gathered into a new K/V buffer), both causal aligned bottom-right (TE's
+    ``padding_causal_bottom_right``); an unshared segment is one of each."""
+
+    kv_index: Tensor  # [T_kv] long: the key/value buffer, as token indices of the pack
+    cu_seqlens_q: Tensor  # [n + 1] int32 over the pack's tokens (unchanged order)
+    cu_seqlens_kv: Tensor  # [n + 1] int32 over the key/value buffer
+    max_seqlen_q: int
+    max_seqlen_kv: int
+
+
+def te_shared_prefix_layout(cu_seqlens: Tensor, branch_bounds: Tensor,
+                            device: torch.device) -> SharedPrefixTELayout:
+    cu = cu_seqlens.to("cpu", torch.long)
+    bounds = branch_bounds.to("cpu", torch.long)
+    key = (tuple(cu.tolist()), tuple(bounds.flatten().tolist()), str(device))
+    if key in _TE_LAYOUT_CACHE:
+        return _TE_LAYOUT_CACHE[key]
+    kv_pieces, q_bounds, kv_lengths = [], [0], []
+    for (start, end), (first, second) in zip(zip(cu[:-1].tolist(), cu[1:].tolist()),
+                                             bounds.tolist()):
+        if first >= second:
+            q_bounds.append(end)
+            kv_pieces.append(torch.arange(start, end))
+            kv_lengths.append(end - start)
+            continue
+        q_bounds += [start + second, end]
+        kv_pieces += [torch.arange(start, start + second), torch.arange(start, start + first),
+                      torch.arange(start + second, end)]
+        kv_lengths += [second, first + end - start - second]
+    q_lengths = [b - a for a, b in zip(q_bounds[:-1], q_bounds[1:])]
+    layout = SharedPrefixTELayout(
+        kv_index=torch.cat(kv_pieces).to(device),
+        cu_seqlens_q=torch.tensor(q_bounds, dtype=torch.int32, device=device),
+        cu_seqlens_kv=torch.tensor([0] + list(torch.tensor(kv_lengths).cumsum(0).tolist()),
+                                   dtype=torch.int32, device=device),
+        max_seqlen_q=max(q_lengths), max_seqlen_kv=max(kv_lengths))
+    _TE_LAYOUT_CACHE.clear()  # one pack at a time
+    _TE_LAYOUT_CACHE[key] = layout
+    return layout
+
+
+def shared_prefix_te_attention(base):
+    """A subclass of Megatron's TE core attention class ``base`` that computes shared-prefix
+    packs with :class:`SharedPrefixTELayout` (context parallelism off; TE's CP attention refuses
+    bottom-right causal masks, so packing stays unshared there). Other packs go to ``base``
+    unchanged."""
+
+    class SharedPrefixTEDotProductAttention(base):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None, **kwargs):
+            bounds = getattr(packed_seq_params, "branch_bounds", None)
+            if bounds is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                       attention_bias=attention_bias,
+                                       packed_seq_params=packed_seq_params, **kwargs)
+            if attention_bias is not None or self.config.context_parallel_size > 1:
+                raise ValueError("shared-prefix packs with Transformer Engine need context "
+                                 "parallelism off and no attention bias; set "
+                                 "data.shared_prefix: false")
+            layout = te_shared_prefix_layout(packed_seq_params.cu_seqlens_q_padded,
+                                             bounds, query.device)
+            key = key.index_select(0, layout.kv_index)
+            value = value.index_select(0, layout.kv_index)
+            # Megatron's wrapper has no name for this mask type: call TE's module directly.
+            te_forward = next(cls for cls in type(self).__mro__
+                              if cls.__module__.startswith("transformer_engine")).forward
+            return te_forward(
+                self, query, key, value, None, qkv_format="thd",
+                attn_mask_type="padding_causal_bottom_right",
+                cu_seqlens_q=layout.cu_seqlens_q, cu_seqlens_kv=layout.cu_seqlens_kv,
+                cu_seqlens_q_padded=layout.cu_seqlens_q, cu_seqlens_kv_padded=layout.cu_seqlens_kv,
+                max_seqlen_q=layout.max_seqlen_q, max_seqlen_kv=layout.max_seqlen_kv)
+
+    SharedPrefixTEDotProductAttention.__name__ = f"SharedPrefix{base.__name__}"
+    return SharedPrefixTEDotProductAttention
+
+
+# ---------------------------------------------------------------------------------------------
 # RoPE at per-token positions
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass

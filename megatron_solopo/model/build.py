@@ -45,11 +45,13 @@ def resolve_attention_backend(backend: AttentionBackend) -> Literal["te", "refer
     return backend
 
 
-def supports_shared_prefix(backend: AttentionBackend) -> bool:
+def supports_shared_prefix(backend: AttentionBackend, context_parallel_size: int = 1) -> bool:
     """Whether the (resolved) attention backend computes shared-prefix segments exactly
-    (data.shared_prefix; docs/data.md). Transformer Engine's THD attention has no mask that
-    hides one part of a sequence from a later part (see docs/context_parallel.md)."""
-    return resolve_attention_backend(backend) in ("reference", "flex")
+    (data.shared_prefix; docs/data.md): the reference and flex backends always; Transformer
+    Engine without context parallelism (its CP attention refuses the bottom-right causal masks
+    this needs; docs/context_parallel.md)."""
+    resolved = resolve_attention_backend(backend)
+    return resolved in ("reference", "flex") or context_parallel_size == 1
 
 
 def gpt_layer_spec(backend: Literal["te", "reference", "flex"]):
@@ -57,7 +59,12 @@ def gpt_layer_spec(backend: Literal["te", "reference", "flex"]):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        from megatron_solopo.model.attention import shared_prefix_te_attention
+
+        spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec())
+        attention = spec.submodules.self_attention.submodules
+        attention.core_attention = shared_prefix_te_attention(attention.core_attention)
+        return spec
     from megatron_solopo.model.attention import FlexCoreAttention, ReferenceCoreAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")

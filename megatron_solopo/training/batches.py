@@ -100,10 +100,12 @@ class MicroBatchBuilder:
 
 def use_shared_prefix(config, attention_backend: str) -> bool:
     """Whether packing shares prefixes: ``data.shared_prefix`` and an attention backend that
-    computes it exactly (reference, flex; Transformer Engine packs unshared)."""
+    computes it exactly in this layout (reference, flex; Transformer Engine without context
+    parallelism). Elsewhere packing stays unshared: same results, no saving."""
     from megatron_solopo.model.build import supports_shared_prefix
 
-    return bool(config.data.shared_prefix) and supports_shared_prefix(attention_backend)
+    return bool(config.data.shared_prefix) and supports_shared_prefix(
+        attention_backend, config.parallel.context_parallel_size)
 
 
 def group_role_values(values: Tensor, batch: PackedMicroBatch, role: Role) -> Tensor:
