@@ -7,9 +7,11 @@
 Each measurement runs in a fresh process (so peak memory is its own): a LongPO group (long
 chosen + long rejected on one context of ``ratio * answer`` tokens, answers of ``answer``
 tokens) packed with or without sharing, then forward + backward of the policy through
-Megatron's schedule on the CPU with the reference attention (the trainer's step minus the
-optimizer). It prints tokens per group, the median step time and the peak RSS, and with
-``--compare`` the shared/unshared ratios, all from one run.
+Megatron's schedule (the trainer's step minus the optimizer), on the CPU with the reference
+attention by default, on a GPU when CUDA is present (``--backend flex``, or ``te`` with
+Transformer Engine). It prints tokens per group, the median step time and the peak memory (RSS on
+the CPU, the CUDA allocator's peak on a GPU), and with ``--compare`` the shared/unshared
+ratios, all from one run.
 """
 
 import argparse
@@ -75,16 +77,25 @@ def measure(shared: bool, ratio: int, answer: int, steps: int, hidden: int, laye
         loss, _ = objective(ObjectiveInputs(policy=policy, reference=reference, num_groups=1.0))
         return loss, {"loss": loss.detach()}
 
+    cuda = torch.cuda.is_available()
     times = []
-    for _ in range(steps + 1):  # the first step warms up
+    for _ in range(steps + 1):  # the first step warms up (and compiles flex on a GPU)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         forward_backward([model], [batch], loss_fn, vocab_size=vocab,
                          logprob_mask_fn=lambda b: logprob_positions(b, whole))
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
+    # Peak memory: the GPU's allocator on CUDA, else the process's peak RSS.
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"shared": shared, "ratio": ratio, "context": context, "answer": answer,
             "tokens_per_group": batch.num_tokens, "step_s": statistics.median(times[1:]),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_mib": peak, "device": "cuda" if cuda else "cpu", "backend": backend}
 
 
 def compare(args) -> list:
@@ -100,13 +111,13 @@ def compare(args) -> list:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print("| long/answer | context | answer | tokens/group (off -> on) | step s (off -> on) | "
-          "step on/off | peak RSS MiB (off -> on) |")
+          "step on/off | peak MiB (off -> on) |")
     print("|---|---|---|---|---|---|---|")
     for off, on in zip(rows[0::2], rows[1::2]):
         print(f"| {off['ratio']} | {off['context']} | {off['answer']} | {off['tokens_per_group']} "
               f"-> {on['tokens_per_group']} | {off['step_s']:.3f} -> {on['step_s']:.3f} | "
-              f"{on['step_s'] / off['step_s']:.2f}x | {off['peak_rss_mib']:.0f} -> "
-              f"{on['peak_rss_mib']:.0f} |")
+              f"{on['step_s'] / off['step_s']:.2f}x | {off['peak_mib']:.0f} -> "
+              f"{on['peak_mib']:.0f} |")
     return rows
 
 
@@ -119,7 +130,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--backend", default="reference", choices=["reference", "flex"])
+    parser.add_argument("--backend", default="reference", choices=["reference", "flex", "te"])
     parser.add_argument("--shared", action="store_true")
     args = parser.parse_args()
     if args.compare:

@@ -144,23 +144,27 @@ def _unshared_reference(objective, groups, roles, references, seed: int = 7):
     loss_fn = make_loss_fn(objective, len(groups), references, captured)
     whole = objective.sequence_logps_roles
     total = torch.zeros(())
+    device = next(model.parameters()).device
     for batch in micro_batches(groups, roles, 2, shared=False):
+        batch = batch.to(device)
         logps = forward_packed(model, batch, VOCAB, logprob_mask=logprob_positions(batch, whole))
         loss, _ = loss_fn(batch, sequence_logps(logps, batch, batch, 1, None))
         loss.backward()
-        total = total + loss.detach()
+        total = total + loss.detach().cpu()
     return weights, captured, total, full_grads([model], local_only=True)
 
 
 def check_shared_prefix(parallel_fields: dict, objective_name: str, num_groups: int = 4,
-                        attention_backend: str = "reference", rtol: float = 1e-5) -> dict:
-    """Rank function: the same weights and groups, packed without sharing on one process and
-    with sharing under ``parallel_fields``: per-sequence log-prob sums and token counts, the
-    objective's loss and every gradient agree (fp32)."""
+                        attention_backend: str = "reference", rtol: float = 1e-5,
+                        bf16: bool = False) -> dict:
+    """Rank function: the same weights and groups, packed without sharing on one process (fp32,
+    reference attention) and with sharing under ``parallel_fields`` with ``attention_backend``
+    (``bf16`` compute for Transformer Engine): per-sequence log-prob sums and token counts, the
+    objective's loss and every gradient agree to ``rtol``."""
     from megatron.core import parallel_state
 
     from megatron_solopo.model.build import build_model
-    from megatron_solopo.model.config import build_transformer_config
+    from megatron_solopo.model.config import PrecisionConfig, build_transformer_config
     from megatron_solopo.model.state import load_full_state_dict
     from megatron_solopo.parallel.distributed import initialize_distributed
     from megatron_solopo.parallel.layout import ParallelConfig
@@ -186,7 +190,8 @@ def check_shared_prefix(parallel_fields: dict, objective_name: str, num_groups: 
     assert sum(int(b.num_tokens) for b in shared) < sum(
         int(b.num_tokens) for b in micro_batches(groups, roles, pad_multiple, shared=False))
     model_cfg = dataclasses.replace(tiny_model(), attention_backend=attention_backend)
-    tc = build_transformer_config(model_cfg, parallel, variable_seq_lengths=True)
+    tc = build_transformer_config(model_cfg, parallel, PrecisionConfig(bf16=bf16),
+                                  variable_seq_lengths=True)
     chunks = build_model(model_cfg, tc)
     load_full_state_dict(chunks, weights)
     model = wrap_model(chunks, tc)
@@ -211,6 +216,7 @@ def check_shared_prefix(parallel_fields: dict, objective_name: str, num_groups: 
             checked += 1
         loss = torch.stack([m["loss"] for m in metrics]).sum()
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        loss = loss.cpu()
         assert_close(loss, expected_loss, f"{objective_name}: loss", rtol)
     grads = full_grads(model)
     assert sorted(grads) == sorted(expected_grads)
