@@ -262,6 +262,10 @@ class FlexCoreAttention(ReferenceCoreAttention):
         if self.training and self.dropout_p > 0:
             raise ValueError("attention_backend 'flex' has no attention dropout; set "
                              "attention_dropout to 0 or use attention_backend 'reference'")
+        if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+            raise ValueError("attention_backend 'flex' has no backward on the CPU (PyTorch's "
+                             "FlexAttention runs forward only there); train on the CPU with "
+                             "attention_backend 'reference'")
         cp_rank = 0
         if self.cp_size > 1:
             order = self._global_order(cu_seqlens.to("cpu", torch.long)).to(key.device)

@@ -77,7 +77,8 @@ class MicroBatchBuilder:
             worst = int(over[np.argmax(sizes[over])])
             raise ValueError(
                 f"{len(over)} record(s) of {self.dataset.path_prefix} do not fit one micro-batch: "
-                f"the largest, {self.dataset.record_id(worst)!r}, needs {int(sizes[worst])} tokens "
+                f"the largest, {self.dataset.record_id(worst)!r}, needs "
+                f"{'at least ' if self.shared_prefix else ''}{int(sizes[worst])} tokens "
                 f"(roles {', '.join(map(str, self.roles))}, padding included), more than "
                 f"data.max_tokens_per_micro_batch={self.token_budget}; a preference group is never "
                 f"split: raise the budget (with more context parallelism) or re-run "

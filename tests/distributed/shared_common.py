@@ -275,6 +275,13 @@ def check_flex_forward(parallel_fields: dict, objective_name: str, num_groups: i
                 assert_close(values[name], reference[name],
                              f"flex, shared={shared}: per-sequence {name}, micro-batch {index}", rtol)
         results[shared] = len(captured)
+    if not torch.cuda.is_available():  # training with flex on the CPU is refused, clearly
+        import pytest
+
+        batch = micro_batches(groups, roles, pad_multiple, shared=True)[0]
+        with pytest.raises(ValueError, match="no backward on the CPU"):
+            forward_backward(chunks, [batch], make_loss_fn(objective, num_groups, references, []),
+                             vocab_size=VOCAB)
     return results
 
 
