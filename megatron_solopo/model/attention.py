@@ -98,7 +98,8 @@ class ReferenceCoreAttention(MegatronModule):
             if cu_seqlens is None:
                 cu_seqlens = packed_seq_params.cu_seqlens_q
             return self._packed(query, key, value, cu_seqlens,
-                                getattr(packed_seq_params, "branch_bounds", None))
+                                getattr(packed_seq_params, "branch_bounds", None),
+                                per_forward=packed_seq_params)
         # [s, b, heads, dim]: each batch row is one sequence (of length s * CP under CP).
         seq_len, batch = query.shape[0], query.shape[1]
         if attention_mask is not None and self.cp_size == 1 and batch > 0:
@@ -126,7 +127,7 @@ class ReferenceCoreAttention(MegatronModule):
         return out.squeeze(0).transpose(0, 1).reshape(out.shape[2], -1)
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
-                branch_bounds: Optional[Tensor] = None) -> Tensor:
+                branch_bounds: Optional[Tensor] = None, per_forward=None) -> Tensor:
         """query [T/cp, heads, d], key/value [T/cp, kv_heads, d] -> [T/cp, heads * d].
         ``branch_bounds`` [S, 2]: keys at [a, b) of segment i are hidden from its queries >= b."""
         cu_seqlens = cu_seqlens.to("cpu", torch.long)
@@ -195,7 +196,6 @@ class ReferenceCoreAttention(MegatronModule):
 # ---------------------------------------------------------------------------------------------
 # FlexAttention: the same masks in one block-sparse kernel (GPU without Transformer Engine)
 # ---------------------------------------------------------------------------------------------
-_BLOCK_MASK_CACHE: dict = {}
 _COMPILED_FLEX = None
 
 
@@ -216,16 +216,11 @@ def packed_block_mask(cu_seqlens: Tensor, branch_bounds: Optional[Tensor], cp_si
                       cp_rank: int, device: torch.device):
     """The FlexAttention ``BlockMask`` of a pack: causal inside each segment, the chosen branch
     of a shared segment hidden from its rejected branch; queries are this CP rank's tokens (its
-    load-balanced order), keys the whole pack in global order. Cached for the layers of one
-    forward (every layer sees the same metadata)."""
+    load-balanced order), keys the whole pack in global order."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     cu = cu_seqlens.to("cpu", torch.long)
     bounds = None if branch_bounds is None else branch_bounds.to("cpu", torch.long)
-    key = (tuple(cu.tolist()), None if bounds is None else tuple(bounds.flatten().tolist()),
-           cp_size, cp_rank, str(device))
-    if key in _BLOCK_MASK_CACHE:
-        return _BLOCK_MASK_CACHE[key]
     lengths = cu[1:] - cu[:-1]
     num_tokens = int(cu[-1])
     kv_segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
@@ -245,8 +240,6 @@ def packed_block_mask(cu_seqlens: Tensor, branch_bounds: Optional[Tensor], cp_si
 
     mask = create_block_mask(mask_mod, None, None, q_index.numel(), num_tokens, device=device,
                              _compile=device.type == "cuda")
-    _BLOCK_MASK_CACHE.clear()  # one pack at a time: a new micro-batch replaces the old mask
-    _BLOCK_MASK_CACHE[key] = mask
     return mask
 
 
@@ -258,7 +251,7 @@ class FlexCoreAttention(ReferenceCoreAttention):
     forward only (PyTorch has no CPU backward for FlexAttention)."""
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
-                branch_bounds: Optional[Tensor] = None) -> Tensor:
+                branch_bounds: Optional[Tensor] = None, per_forward=None) -> Tensor:
         if self.training and self.dropout_p > 0:
             raise ValueError("attention_backend 'flex' has no attention dropout; set "
                              "attention_dropout to 0 or use attention_backend 'reference'")
@@ -272,7 +265,13 @@ class FlexCoreAttention(ReferenceCoreAttention):
             key = cpar.all_gather_context_parallel(key, self.cp_group).index_select(0, order)
             value = cpar.all_gather_context_parallel(value, self.cp_group).index_select(0, order)
             cp_rank = self.cp_group.rank()
-        mask = packed_block_mask(cu_seqlens, branch_bounds, self.cp_size, cp_rank, query.device)
+        # Every layer of one forward sees the same pack: build the mask once, kept on the
+        # forward's packed-sequence parameters (no host sync in the other layers).
+        mask = getattr(per_forward, "flex_block_mask", None)
+        if mask is None:
+            mask = packed_block_mask(cu_seqlens, branch_bounds, self.cp_size, cp_rank, query.device)
+            if per_forward is not None:
+                per_forward.flex_block_mask = mask
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, t, d]
         out = _flex_attention()(q, k, v, block_mask=mask, scale=self.softmax_scale,
                                 enable_gqa=self.num_heads != self.num_kv_heads)
@@ -282,7 +281,6 @@ class FlexCoreAttention(ReferenceCoreAttention):
 # ---------------------------------------------------------------------------------------------
 # Transformer Engine (no context parallelism): separate query and key/value segments
 # ---------------------------------------------------------------------------------------------
-_TE_LAYOUT_CACHE: dict = {}
 
 
 @dataclasses.dataclass
@@ -304,9 +302,6 @@ def te_shared_prefix_layout(cu_seqlens: Tensor, branch_bounds: Tensor,
                             device: torch.device) -> SharedPrefixTELayout:
     cu = cu_seqlens.to("cpu", torch.long)
     bounds = branch_bounds.to("cpu", torch.long)
-    key = (tuple(cu.tolist()), tuple(bounds.flatten().tolist()), str(device))
-    if key in _TE_LAYOUT_CACHE:
-        return _TE_LAYOUT_CACHE[key]
     kv_pieces, q_bounds, kv_lengths = [], [0], []
     for (start, end), (first, second) in zip(zip(cu[:-1].tolist(), cu[1:].tolist()),
                                              bounds.tolist()):
@@ -326,8 +321,6 @@ def te_shared_prefix_layout(cu_seqlens: Tensor, branch_bounds: Tensor,
         cu_seqlens_kv=torch.tensor([0] + list(torch.tensor(kv_lengths).cumsum(0).tolist()),
                                    dtype=torch.int32, device=device),
         max_seqlen_q=max(q_lengths), max_seqlen_kv=max(kv_lengths))
-    _TE_LAYOUT_CACHE.clear()  # one pack at a time
-    _TE_LAYOUT_CACHE[key] = layout
     return layout
 
 
@@ -349,8 +342,11 @@ def shared_prefix_te_attention(base):
                 raise ValueError("shared-prefix packs with Transformer Engine need context "
                                  "parallelism off and no attention bias; set "
                                  "data.shared_prefix: false")
-            layout = te_shared_prefix_layout(packed_seq_params.cu_seqlens_q_padded,
-                                             bounds, query.device)
+            layout = getattr(packed_seq_params, "te_layout", None)
+            if layout is None:  # once per forward, kept for the other layers
+                layout = te_shared_prefix_layout(packed_seq_params.cu_seqlens_q_padded,
+                                                 bounds, query.device)
+                packed_seq_params.te_layout = layout
             key = key.index_select(0, layout.kv_index)
             value = value.index_select(0, layout.kv_index)
             # Megatron's wrapper has no name for this mask type: call TE's module directly.
