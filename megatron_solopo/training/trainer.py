@@ -140,7 +140,8 @@ class Trainer:
             print("[megatron-solopo] resolved config:\n" + yaml.safe_dump(self.run_config, sort_keys=False),
                   flush=True)
             print(f"[megatron-solopo] {config.parallel.describe(self.world_size)} | objective "
-                  f"{self.objective.name} | reference {self.reference_mode} | parameters "
+                  f"{self.objective.name} | reference {self.reference_mode} | shared-prefix "
+                  f"packing {'on' if self.builder.shared_prefix else 'off'} | parameters "
                   f"{self.model_config.num_parameters(self.padded_vocab_size):,} | starting at "
                   f"iteration {self.iteration}, consumed samples {self.consumed_samples}", flush=True)
         return self
