@@ -373,8 +373,9 @@ class Trainer:
         for batch in step.micro_batches:
             lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
             positions = int(logprob_positions(batch, whole).sum())
+            bounds = batch.branch_bounds.tolist() if batch.shared else None
             total += 3 * metrics_lib.forward_flops(self.model_config, lengths, positions,
-                                                   self.padded_vocab_size)
+                                                   self.padded_vocab_size, bounds)
         if self.reference_model is not None:
             total *= 4 / 3  # roughly: one more forward of comparable size
         return total
