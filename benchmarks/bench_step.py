@@ -38,7 +38,8 @@ Model FLOPs per step (training/metrics.py::forward_flops, the same as the log li
 
 with ``N_dense`` the transformer layers' matmul parameters (QKV, output, SwiGLU), ``T`` the packed
 tokens (padding included), ``L_i`` the length of each packed *sequence* (attention is per
-sequence, causal: half of ``4 L^2 d_q``), ``d_q`` = heads x head dim, ``h`` the hidden size,
+sequence, causal: half of ``4 L^2 d_q``; a shared-prefix segment ``[prefix | chosen |
+rejected]`` counts the pairs its mask keeps: training/metrics.py::forward_flops), ``d_q`` = heads x head dim, ``h`` the hidden size,
 ``V_pad`` the padded vocabulary and ``P`` the positions whose log-prob is computed (responses;
 LongPO's NLL sequence whole): the LM head is counted for what it computes. x3 = forward +
 backward; a live reference adds one forward (x4/3). Recomputation is not counted (model FLOPs).
@@ -53,14 +54,13 @@ the whole GPU). CPU: a fresh process per probe, peak memory as above against
 training/planner.py::memory_estimate) is reported next to every measurement, with the length it
 predicts for the same budget.
 
-``--shared-prefix on|off|both`` sets ``data.shared_prefix`` (shared-prefix packing) and needs a
-version whose config has that field. ``--attention-backend`` sets ``model.attention_backend``.
+``--shared-prefix on|off|both`` sets ``data.shared_prefix`` (shared-prefix packing, docs/data.md;
+unset: the config's default, on); ``both`` measures each objective both ways in one run. ``--attention-backend`` sets ``model.attention_backend``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -186,13 +186,6 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                          f"({args.short_length}) <= --long-length ({args.long_length})")
     if args.skip_steps and not args.find_max_length:
         raise UsageError("--skip-steps without --find-max-length measures nothing")
-    if args.shared_prefix is not None:
-        from megatron_solopo.config import DataConfig
-
-        if "shared_prefix" not in {field.name for field in dataclasses.fields(DataConfig)}:
-            raise UsageError("--shared-prefix needs the config field data.shared_prefix "
-                             "(shared-prefix packing), which this version of megatron_solopo "
-                             "does not have; leave the flag out")
     import torch
 
     args.cuda = torch.cuda.is_available()

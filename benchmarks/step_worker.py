@@ -359,7 +359,8 @@ def run(spec: dict) -> dict:
         out.update(_rank_info())
         from megatron_solopo.model.build import resolve_attention_backend
 
-        out["attention_backend"] = resolve_attention_backend(trainer.model_config.attention_backend)
+        out["attention_backend"] = resolve_attention_backend(
+            trainer.model_config.attention_backend, bf16=trainer.config.precision.bf16)
         if spec["mode"] == "search":
             trainer.train_step()  # allocates the optimizer state before the first probe
             out["search"] = _in_process_search(trainer, spec, baseline_rss)

@@ -48,6 +48,14 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle records each epoch (deterministic from ``training.seed`` and the epoch)."""
 
+    shared_prefix: bool = True
+    """Pack a group's chosen and rejected sequences of one context as ``[prefix | chosen |
+    rejected]``, the common prefix (the context) computed once (docs/data.md "Shared-prefix
+    packing"); log-probs, loss and gradients are the same as without. Applies with the
+    ``reference`` and ``flex`` attention backends, and with Transformer Engine without context
+    parallelism; elsewhere packing stays unshared (same results). ``false`` turns it off
+    (comparison, fallback)."""
+
 
 @dataclasses.dataclass
 class ReferenceConfig:

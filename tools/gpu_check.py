@@ -21,6 +21,8 @@ and the time left):
     bench        benchmarks/bench_step.py at 8K/16K/32K for a Llama-3.2-1B-shaped random model,
                  bf16, the fastest attention available (TE, else a non-TE GPU backend the model
                  config offers, else the reference one)
+    shared_prefix  bench_step.py --shared-prefix both: Long-DPO and LongPO at 16K with and
+                 without shared-prefix packing, in one run
     fp8          the same at 16K with FP8 GEMMs (Transformer Engine only; otherwise skipped)
     max_length   bench_step.py --find-max-length (real out-of-memory search, time-capped) for
                  SoLoPO and Long-DPO, with the planner's estimate
@@ -58,10 +60,11 @@ DOWNLOAD_SPECS = ["megatron-core==0.19.2", "numpy<2.5", "packaging>=24.2", "pyya
 
 # Share of the time budget per phase; a phase gets its share of what is left among the phases
 # still to run, so time a phase does not use (or a skipped phase's) goes to the later ones.
-PHASES = {"environment": 0.0, "tests": 0.25, "trainer": 0.12, "bench": 0.33, "fp8": 0.10,
-          "max_length": 0.20}
+PHASES = {"environment": 0.0, "tests": 0.25, "trainer": 0.12, "bench": 0.30,
+          "shared_prefix": 0.12, "fp8": 0.08, "max_length": 0.18}
 BENCH_LENGTHS = (8192, 16384, 32768)
 FP8_LENGTH = 16384
+SHARED_PREFIX_LENGTH = 16384
 
 
 class UsageError(ValueError):
@@ -259,6 +262,11 @@ def phase_commands(python: str, workdir: str, attention: str, te: bool) -> dict:
                                 attention=attention, precision="bf16",
                                 objectives="solopo,long_dpo,longpo"),
                   os.path.join(workdir, "bench.json")),
+        "shared_prefix": (bench_command(python, os.path.join(workdir, "shared_prefix.json"),
+                                        [SHARED_PREFIX_LENGTH], attention=attention,
+                                        precision="bf16", objectives="long_dpo,longpo",
+                                        extra=["--shared-prefix", "both"]),
+                          os.path.join(workdir, "shared_prefix.json")),
         "fp8": (bench_command(python, os.path.join(workdir, "fp8.json"), [FP8_LENGTH],
                               attention=attention, precision="fp8", objectives="solopo,long_dpo")
                 if te else "Transformer Engine is not importable",

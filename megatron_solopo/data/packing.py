@@ -7,6 +7,10 @@ Every sequence is padded at its tail to a multiple of ``pad_multiple`` (``2 * CP
 sequence parallelism) so that context parallelism can cut it into ``2 * CP`` equal chunks.
 Groups are never split: micro-batches are filled greedily, in order, up to a token budget counted
 after padding.
+
+With ``shared_prefix``, the chosen and rejected sequences of one context in a group (turn by turn
+for multi-turn short roles) are packed as one segment ``[prefix | chosen | rejected]`` whose
+prefix is computed once (data/batch.py "Shared-prefix packing"; docs/data.md).
 """
 
 from __future__ import annotations
@@ -52,10 +56,60 @@ def _group_sequences(group: PreferenceGroup, roles: Sequence[Role]) -> list:
     return out
 
 
-def group_num_tokens(group: PreferenceGroup, roles: Sequence[Role], pad_multiple: int) -> int:
+def shared_prefix_length(first: tuple, second: tuple) -> int:
+    """Tokens two sequences ``(tokens, response_mask)`` can share as a prefix: up to one before
+    the first position where their tokens or response masks differ, so that the prefix's last
+    position predicts a token both have (each position keeps exactly one target). 0 = none."""
+    (tokens_a, mask_a), (tokens_b, mask_b) = first, second
+    length = min(len(tokens_a), len(tokens_b))
+    differ = (np.asarray(tokens_a[:length]) != np.asarray(tokens_b[:length])) | \
+        (np.asarray(mask_a[:length], dtype=bool) != np.asarray(mask_b[:length], dtype=bool))
+    common = int(np.argmax(differ)) if differ.any() else length
+    return max(common - 1, 0)
+
+
+def _units(sequences: list, shared_prefix: bool) -> list[tuple]:
+    """Physical segments of one group: ``(first, second, prefix)`` where ``first``/``second``
+    are positions in ``sequences`` (``second`` None: unshared) and ``prefix`` the shared length.
+    Pairs are ``<context>/chosen`` turn k with ``<context>/rejected`` turn k."""
+    if not shared_prefix:
+        return [(i, None, 0) for i in range(len(sequences))]
+    by_role: dict = {}
+    for position, (role, _, _) in enumerate(sequences):
+        by_role.setdefault(role, []).append(position)
+    partner = {}
+    for role, positions in by_role.items():
+        if role.response != "chosen":
+            continue
+        rejected = by_role.get(Role(f"{role.context}/rejected"), [])
+        if len(rejected) != len(positions):
+            continue
+        for chosen_at, rejected_at in zip(positions, rejected):
+            prefix = shared_prefix_length(sequences[chosen_at][1:], sequences[rejected_at][1:])
+            if prefix > 0:
+                partner[chosen_at] = (rejected_at, prefix)
+    paired = {rejected for rejected, _ in partner.values()}
+    units = []
+    for position in range(len(sequences)):
+        if position in partner:
+            units.append((position, *partner[position]))
+        elif position not in paired:
+            units.append((position, None, 0))
+    return units
+
+
+def _unit_length(sequences: list, unit: tuple) -> int:
+    first, second, prefix = unit
+    length = len(sequences[first][1])
+    return length if second is None else length + len(sequences[second][1]) - prefix
+
+
+def group_num_tokens(group: PreferenceGroup, roles: Sequence[Role], pad_multiple: int,
+                     shared_prefix: bool = False) -> int:
     """Tokens the group takes in a pack, padding included."""
-    return sum(padded_length(len(tokens), pad_multiple)
-               for _, tokens, _ in _group_sequences(group, roles))
+    sequences = _group_sequences(group, roles)
+    return sum(padded_length(_unit_length(sequences, unit), pad_multiple)
+               for unit in _units(sequences, shared_prefix))
 
 
 def plan_micro_batches(group_sizes: Sequence[int], token_budget: int,
@@ -83,18 +137,27 @@ def plan_micro_batches(group_sizes: Sequence[int], token_budget: int,
 
 
 def pack_groups(groups: Sequence[PreferenceGroup], roles: Sequence[Role], pad_multiple: int,
-                pad_token_id: int) -> PackedMicroBatch:
-    """One micro-batch holding ``groups`` (see data/batch.py for every field)."""
+                pad_token_id: int, shared_prefix: bool = False) -> PackedMicroBatch:
+    """One micro-batch holding ``groups`` (see data/batch.py for every field). ``shared_prefix``:
+    chosen/rejected pairs with a common prefix share one segment."""
     if not groups:
         raise ValueError("pack_groups needs at least one group")
     if pad_multiple < 1:
         raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
-    sequences = [(g, role, tokens, mask) for g, group in enumerate(groups)
-                 for role, tokens, mask in _group_sequences(group, roles)]
+    sequences = []  # logical: (group, role, tokens, mask), the order of the unshared layout
+    units = []  # physical segments: (first, second, prefix) indexing ``sequences``
+    for g, group in enumerate(groups):
+        members = _group_sequences(group, roles)
+        offset = len(sequences)
+        sequences.extend((g, role, tokens, mask) for role, tokens, mask in members)
+        for first, second, prefix in _units(members, shared_prefix):
+            units.append((offset + first, None if second is None else offset + second, prefix))
     lengths = np.array([len(tokens) for _, _, tokens, _ in sequences], dtype=np.int64)
     if (lengths < 1).any():
         raise ValueError("a sequence is empty")
-    padded = -(-lengths // pad_multiple) * pad_multiple
+    unit_lengths = np.array([_unit_length([s[1:] for s in sequences], unit) for unit in units],
+                            dtype=np.int64)
+    padded = -(-unit_lengths // pad_multiple) * pad_multiple
     cu_seqlens = np.concatenate([[0], np.cumsum(padded)])
     num_tokens = int(cu_seqlens[-1])
 
@@ -102,16 +165,46 @@ def pack_groups(groups: Sequence[PreferenceGroup], roles: Sequence[Role], pad_mu
     labels = np.zeros(num_tokens, dtype=np.int64)
     loss_mask = np.zeros(num_tokens, dtype=np.float32)
     target_mask = np.zeros(num_tokens, dtype=np.float32)
-    for (_, _, ids, mask), start, length in zip(sequences, cu_seqlens[:-1], lengths):
-        end = start + length
-        tokens[start:end] = ids
-        # Position t predicts token t+1 of the same sequence; the last real position and the
-        # padding have no target.
-        labels[start:end - 1] = ids[1:]
-        target_mask[start:end - 1] = 1.0
-        loss_mask[start:end - 1] = mask[1:]
-    # Positions restart at 0 in every sequence (padding continues the count).
-    position_ids = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu_seqlens[:-1], padded)
+    position_ids = np.zeros(num_tokens, dtype=np.int64)
+
+    def place(at: int, ids, mask, first_position: int) -> None:
+        # Position t predicts token t+1 of the same sequence; the last real position has none.
+        end = at + len(ids)
+        tokens[at:end] = ids
+        labels[at:end - 1] = ids[1:]
+        target_mask[at:end - 1] = 1.0
+        loss_mask[at:end - 1] = mask[1:]
+        position_ids[at:end] = np.arange(first_position, first_position + len(ids))
+
+    cu_pieces, piece_sequences, branch_bounds = [0], [], []
+    for (first, second, prefix), start, size, real in zip(units, cu_seqlens[:-1], padded,
+                                                         unit_lengths):
+        ids, mask = sequences[first][2], sequences[first][3]
+        end = start + size
+        if second is None:
+            place(start, ids, mask, 0)
+            piece_sequences.append((len(cu_pieces) - 1, first))
+            cu_pieces.append(end)
+            branch_bounds.append((size, size))
+        else:
+            other, other_mask = sequences[second][2], sequences[second][3]
+            place(start, ids, mask, 0)  # prefix + chosen branch
+            split = start + len(ids)  # the rejected branch starts here, at position ``prefix``
+            place(split, other[prefix:], other_mask[prefix:], prefix)
+            piece = len(cu_pieces) - 1
+            piece_sequences += [(piece, first), (piece, second), (piece + 1, first),
+                                (piece + 2, second)]
+            cu_pieces += [start + prefix, split, end]
+            branch_bounds.append((prefix, len(ids)))
+        # Padding continues the positions of the segment's last branch.
+        tail = start + real
+        position_ids[tail:end] = np.arange(1, 1 + end - tail) + position_ids[tail - 1]
+    shared = {}
+    if any(second is not None for _, second, _ in units):
+        shared = dict(
+            cu_pieces=torch.tensor(cu_pieces, dtype=torch.int32),
+            piece_sequences=torch.tensor(piece_sequences, dtype=torch.int64),
+            branch_bounds=torch.tensor(branch_bounds, dtype=torch.int32))
     return PackedMicroBatch(
         tokens=torch.from_numpy(tokens),
         labels=torch.from_numpy(labels),
@@ -125,6 +218,7 @@ def pack_groups(groups: Sequence[PreferenceGroup], roles: Sequence[Role], pad_mu
         sample_indices=torch.tensor([group.index for group in groups], dtype=torch.int64),
         sample_ids=[group.record_id for group in groups],
         max_seqlen=int(padded.max()),
+        **shared,
     )
 
 
@@ -144,13 +238,14 @@ def split_to_at_least(plan: list[list[int]], count: int) -> list[list[int]]:
 
 def build_micro_batches(dataset, indices: Sequence[int], roles: Sequence[Role],
                         token_budget: int, pad_multiple: int,
-                        pad_token_id: int, min_micro_batches: int = 1) -> list[PackedMicroBatch]:
+                        pad_token_id: int, min_micro_batches: int = 1,
+                        shared_prefix: bool = False) -> list[PackedMicroBatch]:
     """The records ``indices`` of ``dataset`` (in this order) as packed micro-batches of whole
     groups, each at most ``token_budget`` tokens, and at least ``min_micro_batches`` of them when
     there are that many groups (the interleaved pipeline schedule needs >= PP)."""
     groups = [dataset.get_group(index, roles) for index in indices]
-    sizes = [group_num_tokens(group, roles, pad_multiple) for group in groups]
+    sizes = [group_num_tokens(group, roles, pad_multiple, shared_prefix) for group in groups]
     plan = plan_micro_batches(sizes, token_budget, [group.record_id for group in groups])
     plan = split_to_at_least(plan, min_micro_batches)
-    return [pack_groups([groups[i] for i in members], roles, pad_multiple, pad_token_id)
-            for members in plan]
+    return [pack_groups([groups[i] for i in members], roles, pad_multiple, pad_token_id,
+                        shared_prefix) for members in plan]

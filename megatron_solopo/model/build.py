@@ -1,5 +1,5 @@
 """Megatron-Core GPTModel construction: Transformer Engine spec when TE imports, else the local
-spec with our reference core attention.
+spec with our reference core attention (or FlexAttention, ``attention_backend: flex``).
 
 Only this package knows Megatron module specs. :func:`build_model` returns one GPTModel per
 virtual pipeline stage of this rank (a list of one without the interleaved schedule), each
@@ -17,7 +17,7 @@ import torch
 from megatron_solopo.model import rope
 from megatron_solopo.model.config import ModelConfig
 
-AttentionBackend = Literal["auto", "te", "reference"]
+AttentionBackend = Literal["auto", "te", "reference", "flex"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,7 +33,7 @@ def te_available() -> bool:
 
 
 def resolve_attention_backend(backend: AttentionBackend, *,
-                              bf16: bool = True) -> Literal["te", "reference"]:
+                              bf16: bool = True) -> Literal["te", "reference", "flex"]:
     """``auto`` picks TE where it imports and CUDA is present and the model is bf16 (TE attention
     has no fp32 kernel for packed sequences), else the reference path. ``bf16``: the model's
     precision (``precision.bf16``)."""
@@ -41,8 +41,8 @@ def resolve_attention_backend(backend: AttentionBackend, *,
 
     if backend == "auto":
         return "te" if te_available() and torch.cuda.is_available() and bf16 else "reference"
-    if backend not in ("te", "reference"):
-        raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference")
+    if backend not in ("te", "reference", "flex"):
+        raise ValueError(f"attention_backend={backend!r}; valid: auto, te, reference, flex")
     if backend == "te":
         if not te_available():
             raise ValueError("model attention_backend='te' but Transformer Engine is not "
@@ -54,14 +54,30 @@ def resolve_attention_backend(backend: AttentionBackend, *,
     return backend
 
 
-def gpt_layer_spec(backend: Literal["te", "reference"], qk_layernorm: bool = False):
+def supports_shared_prefix(backend: AttentionBackend, context_parallel_size: int = 1, *,
+                           bf16: bool = True) -> bool:
+    """Whether the (resolved) attention backend computes shared-prefix segments exactly
+    (data.shared_prefix; docs/data.md): the reference and flex backends always; Transformer
+    Engine without context parallelism (its CP attention refuses the bottom-right causal masks
+    this needs; docs/context_parallel.md)."""
+    resolved = resolve_attention_backend(backend, bf16=bf16)
+    return resolved in ("reference", "flex") or context_parallel_size == 1
+
+
+def gpt_layer_spec(backend: Literal["te", "reference", "flex"], qk_layernorm: bool = False):
     """The transformer layer spec for the Llama/Qwen2/Qwen3/Mistral family (RMSNorm, SwiGLU,
     RoPE; with ``qk_layernorm``, Qwen3's per-head RMSNorm on queries and keys)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    from megatron_solopo.model.attention import ReferenceCoreAttention
+        from megatron_solopo.model.attention import shared_prefix_te_attention
+
+        spec = copy.deepcopy(
+            gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm))
+        attention = spec.submodules.self_attention.submodules
+        attention.core_attention = shared_prefix_te_attention(attention.core_attention)
+        return spec
+    from megatron_solopo.model.attention import FlexCoreAttention, ReferenceCoreAttention
     from megatron_solopo.parallel.cpu_compat import allow_sequence_parallel_torch_norm
 
     # The local spec's RMSNorm (torch's) refuses sequence parallelism although its math is the
@@ -70,7 +86,8 @@ def gpt_layer_spec(backend: Literal["te", "reference"], qk_layernorm: bool = Fal
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
                                                     qk_layernorm=qk_layernorm)
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = ReferenceCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = (
+        FlexCoreAttention if backend == "flex" else ReferenceCoreAttention)
     return spec
 
 
@@ -102,7 +119,7 @@ def build_model(
 
     backend = resolve_attention_backend(attention_backend or model.attention_backend,
                                         bf16=bool(transformer_config.bf16))
-    if backend == "reference" and transformer_config.fp8:
+    if backend != "te" and transformer_config.fp8:
         raise ValueError("fp8 needs the Transformer Engine attention/linear layers "
                          "(attention_backend='te')")
     spec = gpt_layer_spec(backend, qk_layernorm=model.qk_layernorm)
@@ -150,6 +167,11 @@ def build_model(
             rotary.inv_freq = rope.scaled_inv_freq(rotary.inv_freq, rope_scaling,
                                                    model.kv_channels, model.rotary_base,
                                                    model.max_position_embeddings)
+        if hasattr(gpt, "rotary_pos_emb"):
+            from megatron_solopo.model.attention import enable_position_rope
+
+            # Shared-prefix packs carry per-token RoPE positions (a no-op for other packs).
+            enable_position_rope(gpt.rotary_pos_emb, transformer_config)
         if torch.cuda.is_available():
             # Megatron-Core creates most parameters on the current device, but modules built from
             # plain torch layers (the local spec's norms, our core attention) stay on the CPU:

@@ -80,10 +80,12 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init for a model trained from scratch (ignored when weights are loaded)."""
 
-    attention_backend: Literal["auto", "te", "reference"] = "auto"
+    attention_backend: Literal["auto", "te", "reference", "flex"] = "auto"
     """Core attention: Transformer Engine (GPU) or our reference implementation (CPU, tests);
     ``auto`` takes TE where it imports, CUDA is present and ``precision.bf16`` is set (TE
-    attention has no fp32 kernel for packed sequences; ``te`` in fp32 is refused)."""
+    attention has no fp32 kernel for packed sequences; ``te`` in fp32 is refused). ``flex``:
+    PyTorch FlexAttention with a block-sparse mask, the fast path on a GPU without TE (CPU:
+    forward only)."""
 
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra Megatron-Core ``TransformerConfig`` fields, e.g. ``{"recompute_granularity":

@@ -156,6 +156,17 @@ def packed_seq_params(batch: PackedMicroBatch):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu_seqlens = batch.cu_seqlens.to(torch.int32)
+    if batch.shared:
+        # Shared-prefix segments: the attention masks and RoPE positions ride along (see
+        # model/attention.py); Megatron passes the object through to core attention unchanged.
+        from megatron_solopo.model.attention import SharedPrefixSeqParams
+
+        return SharedPrefixSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            cu_seqlens_q_padded=cu_seqlens, cu_seqlens_kv_padded=cu_seqlens,
+            max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
+            branch_bounds=batch.branch_bounds,
+            rope_positions=batch.rope_positions().to(batch.tokens.device))
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_seqlens,

@@ -45,8 +45,10 @@ class MicroBatchBuilder:
     """Packs this data-parallel rank's share of each global batch into micro-batches."""
 
     def __init__(self, dataset, roles: Sequence[Role], *, token_budget: int, pad_multiple: int,
-                 pad_token_id: int, fixed_length: bool, min_micro_batches: int = 1):
+                 pad_token_id: int, fixed_length: bool, min_micro_batches: int = 1,
+                 shared_prefix: bool = False):
         self.dataset = dataset
+        self.shared_prefix = shared_prefix
         self.roles = tuple(roles)
         self.token_budget = token_budget
         self.pad_multiple = pad_multiple
@@ -62,13 +64,21 @@ class MicroBatchBuilder:
     def check_budget(self) -> None:
         """Every record of the dataset fits one micro-batch: checked once from the index, so an
         over-long record stops the run at start, not hours into it."""
-        sizes = self.dataset.group_sizes(self.roles, self.pad_multiple)
+        roles = self.roles
+        if self.shared_prefix:
+            # A shared segment is longer than its chosen sequence, so leaving out the rejected
+            # sequences that pair with a chosen one gives a lower bound read from the index alone;
+            # packing checks each group's exact size (naming the record) when it meets it.
+            roles = tuple(role for role in roles if not (
+                role.response == "rejected" and Role(f"{role.context}/chosen") in roles))
+        sizes = self.dataset.group_sizes(roles, self.pad_multiple)
         over = np.nonzero(sizes > self.token_budget)[0]
         if len(over):
             worst = int(over[np.argmax(sizes[over])])
             raise ValueError(
                 f"{len(over)} record(s) of {self.dataset.path_prefix} do not fit one micro-batch: "
-                f"the largest, {self.dataset.record_id(worst)!r}, needs {int(sizes[worst])} tokens "
+                f"the largest, {self.dataset.record_id(worst)!r}, needs "
+                f"{'at least ' if self.shared_prefix else ''}{int(sizes[worst])} tokens "
                 f"(roles {', '.join(map(str, self.roles))}, padding included), more than "
                 f"data.max_tokens_per_micro_batch={self.token_budget}; a preference group is never "
                 f"split: raise the budget (with more context parallelism) or re-run "
@@ -81,11 +91,22 @@ class MicroBatchBuilder:
                                       token_budget=self.token_budget,
                                       pad_multiple=self.pad_multiple,
                                       pad_token_id=self.pad_token_id,
-                                      min_micro_batches=self.min_micro_batches)
+                                      min_micro_batches=self.min_micro_batches,
+                                      shared_prefix=self.shared_prefix)
         if self.fixed_length:
             batches = [batch.padded_to(self.token_budget) for batch in batches]
         num_tokens = sum(int(batch.seq_lengths.sum()) for batch in batches)
         return StepData(batches, num_groups_global, num_tokens)
+
+
+def use_shared_prefix(config, attention_backend: str) -> bool:
+    """Whether packing shares prefixes: ``data.shared_prefix`` and an attention backend that
+    computes it exactly in this layout (reference, flex; Transformer Engine without context
+    parallelism). Elsewhere packing stays unshared: same results, no saving."""
+    from megatron_solopo.model.build import supports_shared_prefix
+
+    return bool(config.data.shared_prefix) and supports_shared_prefix(
+        attention_backend, config.parallel.context_parallel_size, bf16=config.precision.bf16)
 
 
 def group_role_values(values: Tensor, batch: PackedMicroBatch, role: Role) -> Tensor:
@@ -105,8 +126,7 @@ def logprob_positions(batch: PackedMicroBatch, whole_sequence_roles: Sequence[Ro
         per_sequence = torch.zeros(batch.num_sequences, dtype=torch.bool)
         for role in whole_sequence_roles:
             per_sequence |= batch.roles.cpu() == role.index
-        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long().cpu()
-        per_token = torch.repeat_interleave(per_sequence, lengths).to(needed.device)
+        per_token = batch.tokens_of_sequences(per_sequence).to(needed.device)
         needed = needed | (per_token & batch.target_mask.bool())
     return needed
 

@@ -16,20 +16,27 @@ logger = logging.getLogger("megatron_solopo")
 
 
 def forward_flops(model: ModelConfig, sequence_lengths: Sequence[int], num_logprob_positions: int,
-                  padded_vocab_size: int) -> float:
+                  padded_vocab_size: int,
+                  branch_bounds: Optional[Sequence[Sequence[int]]] = None) -> float:
     """Forward FLOPs of the model on a set of packed sequences.
 
     Dense layers cost ``2 * params`` per token. Attention scores and their weighted sum cost
-    ``2 * 2 * L^2 / 2 * q_dim`` per layer for each *packed sequence* of length L (causal: half of
-    the square), so packing many short sequences is not billed as one long one. The LM head runs
-    only on the positions whose log-prob is needed (model/logprobs.py).
+    ``2 * 2 * q_dim`` per (query, key) pair per layer; a causal *packed sequence* of length L has
+    ``L^2 / 2`` pairs, so packing many short sequences is not billed as one long one. A
+    shared-prefix segment ``[prefix | chosen | rejected]`` (``branch_bounds`` ``(a, b)``: the
+    chosen branch at ``[a, b)``, data/batch.py) has ``b^2/2`` pairs for ``[prefix | chosen]`` plus
+    ``(L - b) * a + (L - b)^2 / 2`` for the rejected branch, which sees the prefix and itself. The
+    LM head runs only on the positions whose log-prob is needed (model/logprobs.py).
     """
     h, f = model.hidden_size, model.ffn_hidden_size
     q_dim = model.num_attention_heads * model.kv_channels
     kv_dim = model.num_query_groups * model.kv_channels
     dense_per_token = 2 * model.num_layers * (h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * f)
     num_tokens = sum(sequence_lengths)
-    attention = model.num_layers * sum(2 * length * length * q_dim for length in sequence_lengths)
+    bounds = branch_bounds if branch_bounds is not None else [(n, n) for n in sequence_lengths]
+    pairs = sum(b * b / 2 + (n - b) * a + (n - b) * (n - b) / 2
+                for n, (a, b) in zip(sequence_lengths, bounds))
+    attention = model.num_layers * 4 * q_dim * pairs
     head = 2 * h * padded_vocab_size * num_logprob_positions
     return float(dense_per_token * num_tokens + attention + head)
 

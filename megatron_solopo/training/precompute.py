@@ -83,7 +83,8 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
     from megatron_solopo.data.dataset import PreferenceDataset
     from megatron_solopo.data.packing import pad_multiple_for
     from megatron_solopo.parallel.distributed import detect_distributed_env, initialize_distributed
-    from megatron_solopo.training.batches import MicroBatchBuilder, min_micro_batches
+    from megatron_solopo.training.batches import (MicroBatchBuilder, min_micro_batches,
+                                                  use_shared_prefix)
     from megatron_solopo.training.model_setup import resolve_model_config, starting_run_config
     from megatron_solopo.training.reference import (ReferenceCache, build_frozen_model,
                                                     checkpoint_fingerprint,
@@ -163,7 +164,9 @@ def precompute_reference(config: JobConfig, output: Optional[str] = None,
                                     pad_multiple=pad_multiple,
                                     pad_token_id=int(dataset.metadata["pad_id"]),
                                     fixed_length=config.data.fixed_length_micro_batches,
-                                    min_micro_batches=min_micro_batches(config.parallel))
+                                    min_micro_batches=min_micro_batches(config.parallel),
+                                    shared_prefix=use_shared_prefix(
+                                        config, model_config.attention_backend))
         indices = list(range(dp_rank, len(dataset), dp_size))
         start = time.perf_counter()
         values = compute_reference_logps(model, builder, indices, roles,

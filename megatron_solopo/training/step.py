@@ -40,7 +40,10 @@ LossFn = Callable[[PackedMicroBatch, SequenceLogps], tuple[Tensor, dict[str, Ten
 
 def sequence_logps(token_logps: Tensor, local: PackedMicroBatch, full: PackedMicroBatch,
                    cp_size: int, cp_group) -> SequenceLogps:
-    """Per-sequence sums from this CP rank's per-token log-probs ``[T / CP]``."""
+    """Per-sequence sums from this CP rank's per-token log-probs ``[T / CP]``. In a shared-prefix
+    pack a prefix token counts for both of its sequences (``PackedMicroBatch.sequence_sums``)."""
+    if full.shared:
+        return _shared_sequence_logps(token_logps, local, full, cp_size, cp_group)
     local_cu = cpar.local_cu_seqlens(local.cu_seqlens.cpu(), cp_size)
     response = masked_sequence_sums(token_logps, local.loss_mask, local_cu)
     target = masked_sequence_sums(token_logps, local.target_mask, local_cu)
@@ -53,6 +56,23 @@ def sequence_logps(token_logps: Tensor, local: PackedMicroBatch, full: PackedMic
         response_tokens=response_tokens.to(response.device),
         target_logps=cpar.sum_over_context_parallel(target, cp_group),
         target_tokens=target_tokens.to(response.device),
+    )
+
+
+def _shared_sequence_logps(token_logps: Tensor, local: PackedMicroBatch, full: PackedMicroBatch,
+                           cp_size: int, cp_group) -> SequenceLogps:
+    token_index = None
+    if cp_size > 1:
+        cp_rank = torch.distributed.get_rank(cp_group)
+        token_index = cpar.zigzag_indices(full.cu_seqlens.cpu(), cp_size, cp_rank)
+    logps = token_logps.float()
+    response = full.sequence_sums(logps * local.loss_mask.float(), token_index)
+    target = full.sequence_sums(logps * local.target_mask.float(), token_index)
+    return SequenceLogps(
+        response_logps=cpar.sum_over_context_parallel(response, cp_group),
+        response_tokens=full.sequence_sums(full.loss_mask.float()).to(response.device),
+        target_logps=cpar.sum_over_context_parallel(target, cp_group),
+        target_tokens=full.sequence_sums(full.target_mask.float()).to(response.device),
     )
 
 

@@ -29,7 +29,7 @@ from megatron_solopo.training.model_setup import resolve_model_config, starting_
 from megatron_solopo.training.batches import (MicroBatchBuilder, StepData,
                                               check_groups_per_rank, cycle, group_role_values,
                                               logprob_positions, min_micro_batches,
-                                              reference_tensor)
+                                              reference_tensor, use_shared_prefix)
 from megatron_solopo.training.optimizer import build_optimizer, current_lr, ddp_config, grads_are_finite
 from megatron_solopo.training.step import forward_backward
 
@@ -148,7 +148,8 @@ class Trainer:
             print("[megatron-solopo] resolved config:\n" + yaml.safe_dump(self.run_config, sort_keys=False),
                   flush=True)
             print(f"[megatron-solopo] {config.parallel.describe(self.world_size)} | objective "
-                  f"{self.objective.name} | reference {self.reference_mode} | parameters "
+                  f"{self.objective.name} | reference {self.reference_mode} | shared-prefix "
+                  f"packing {'on' if self.builder.shared_prefix else 'off'} | parameters "
                   f"{self.model_config.num_parameters(self.padded_vocab_size):,} | starting at "
                   f"iteration {self.iteration}, consumed samples {self.consumed_samples}", flush=True)
         return self
@@ -158,7 +159,8 @@ class Trainer:
             dataset, roles, token_budget=self.config.data.max_tokens_per_micro_batch,
             pad_multiple=self.pad_multiple, pad_token_id=int(dataset.metadata["pad_id"]),
             fixed_length=self.config.data.fixed_length_micro_batches,
-            min_micro_batches=min_micro_batches(self.config.parallel))
+            min_micro_batches=min_micro_batches(self.config.parallel),
+            shared_prefix=use_shared_prefix(self.config, self.model_config.attention_backend))
 
     def _load_starting_point(self) -> None:
         config = self.config
@@ -377,8 +379,9 @@ class Trainer:
         for batch in step.micro_batches:
             lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
             positions = int(logprob_positions(batch, whole).sum())
+            bounds = batch.branch_bounds.tolist() if batch.shared else None
             total += 3 * metrics_lib.forward_flops(self.model_config, lengths, positions,
-                                                   self.padded_vocab_size)
+                                                   self.padded_vocab_size, bounds)
         if self.reference_model is not None:
             total *= 4 / 3  # roughly: one more forward of comparable size
         return total

@@ -102,7 +102,10 @@ def test_a_record_over_the_budget_stops_the_run_at_set_up(setup):
         [Role.SHORT_CHOSEN, Role.SHORT_REJECTED, Role.LONG_CHOSEN], 2)
     budget = int(sizes.max()) - 2  # the largest record(s) do not fit, the others do
     over = int((sizes > budget).sum())
-    raw = base_config(paths, str(root), data={"max_tokens_per_micro_batch": budget})
+    # Unshared packing: the exact sizes are checked at set-up (with data.shared_prefix a lower
+    # bound is; tests/unit/test_data_packing.py).
+    raw = base_config(paths, str(root), data={"max_tokens_per_micro_batch": budget,
+                                              "shared_prefix": False})
     (message,) = run_distributed(train_error, 1, raw)
     assert f"{over} record(s) of {paths['train']} do not fit one micro-batch" in message
     assert f"needs {int(sizes.max())} tokens" in message

@@ -78,20 +78,16 @@ def test_bad_flags_exit_2_with_one_error_line(argv, message, capsys):
     assert message in err
 
 
-def test_shared_prefix_needs_the_config_field(capsys):
+def test_shared_prefix_flag_sets_the_config_field():
     import dataclasses
 
     from megatron_solopo.config import DataConfig
 
-    has_field = "shared_prefix" in {f.name for f in dataclasses.fields(DataConfig)}
-    if has_field:
-        args = _args("--shared-prefix", "both")
-        assert bench_step.shared_prefix_variants(args) == [False, True]
-        raw = bench_step.run_config(args, "solopo", LONG, 1, "x", True)
-        assert raw["data"]["shared_prefix"] is True
-    else:
-        assert bench_step.main(["--shared-prefix", "on"]) == 2
-        assert "data.shared_prefix" in capsys.readouterr().err
+    assert "shared_prefix" in {f.name for f in dataclasses.fields(DataConfig)}
+    args = _args("--shared-prefix", "both")
+    assert bench_step.shared_prefix_variants(args) == [False, True]
+    raw = bench_step.run_config(args, "solopo", LONG, 1, "x", True)
+    assert raw["data"]["shared_prefix"] is True
     # Without the flag the field is never set, whatever the version.
     assert "shared_prefix" not in bench_step.run_config(_args(), "solopo", LONG, 1, "x", None)["data"]
 
@@ -150,15 +146,20 @@ def test_one_step_of_every_objective(tmp_path, single_process):
     args = _args()
     fields = bench_step.model_fields(args)
     for objective in bench_step.OBJECTIVES:
-        raw = bench_step._config_for(args, str(tmp_path), objective, LONG, None)
-        result = step_worker.run({"raw": raw, "mode": "steps", "steps": 1, "warmup": 0})
-        assert "error" not in result, (objective, result)
-        assert len(result["step_times_s"]) == 1 and result["step_times_s"][0] > 0
-        assert result["num_tokens"] == TOKENS[objective], objective
-        assert math.isclose(result["flops"], _expected_flops(fields, objective), rel_tol=1e-9), objective
-        assert math.isfinite(result["losses"][0]) and result["skipped_steps"] == 0
-        assert result["peak_memory_gib"] > 0 and result["device"] == "cpu"
-        assert bench_step.planner_gib(raw, 1) > 0
+        flops = {}
+        for shared in (False, True):
+            raw = bench_step._config_for(args, str(tmp_path / str(shared)), objective, LONG, shared)
+            result = step_worker.run({"raw": raw, "mode": "steps", "steps": 1, "warmup": 0})
+            assert "error" not in result, (objective, result)
+            assert len(result["step_times_s"]) == 1 and result["step_times_s"][0] > 0
+            assert result["num_tokens"] == TOKENS[objective], objective  # logical tokens
+            assert math.isfinite(result["losses"][0]) and result["skipped_steps"] == 0
+            assert result["peak_memory_gib"] > 0 and result["device"] == "cpu"
+            assert bench_step.planner_gib(raw, 1) > 0
+            flops[shared] = result["flops"]
+        assert math.isclose(flops[False], _expected_flops(fields, objective), rel_tol=1e-9), objective
+        # Sharing computes each pair's common prefix once: fewer FLOPs, never more.
+        assert flops[True] < flops[False], objective
 
 
 def test_several_lengths_in_one_process(tmp_path, single_process):

@@ -155,3 +155,116 @@ def test_min_micro_batches_splits_a_step_that_packs_into_too_few(dataset):
                                min_micro_batches=4)
     assert len(many) == 4
     assert [i for batch in many for i in batch.sample_indices.tolist()] == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-prefix packing (data.shared_prefix)
+# ---------------------------------------------------------------------------------------------
+def _sequence_view(batch, s):
+    """Logical sequence ``s`` of a shared pack: the concatenation of its pieces, per field."""
+    pairs = batch.piece_sequences
+    pieces = sorted(int(p) for p in pairs[pairs[:, 1] == s, 0])
+    index = torch.cat([torch.arange(int(batch.cu_pieces[p]), int(batch.cu_pieces[p + 1]))
+                       for p in pieces])
+    length = int(batch.seq_lengths[s])
+    return {name: getattr(batch, name)[index][:length]
+            for name in ("tokens", "labels", "loss_mask", "target_mask", "position_ids")}
+
+
+@pytest.mark.parametrize("roles", [list(ALL_ROLES), SOLOPO_ROLES, list(ALL_ROLES)[2:]])
+@pytest.mark.parametrize("pad", [2, 8])
+def test_shared_packs_hold_every_sequence_exactly(dataset, roles, pad):
+    """Each logical sequence, read through its pieces, has the unshared pack's tokens, targets,
+    masks and positions; the per-sequence metadata and order are those of the unshared pack."""
+    indices = [0, 24, 5, 25]  # single-turn and multi-turn records
+    groups = [dataset.get_group(i, roles) for i in indices]
+    plain = pack_groups(groups, roles, pad, 0)
+    shared = pack_groups(groups, roles, pad, 0, shared_prefix=True)
+    shared.validate(pad)
+    assert shared.shared and shared.num_tokens < plain.num_tokens
+    for name in ("roles", "group_index", "seq_lengths", "sample_indices"):
+        assert torch.equal(getattr(shared, name), getattr(plain, name)), name
+    assert shared.num_tokens == sum(group_num_tokens(g, roles, pad, True) for g in groups)
+    assert torch.equal(shared.rope_positions(), shared.position_ids)
+    for s in range(plain.num_sequences):
+        start = int(plain.cu_seqlens[s])
+        length = int(plain.seq_lengths[s])
+        view = _sequence_view(shared, s)
+        for name, values in view.items():
+            assert torch.equal(values, getattr(plain, name)[start:start + length]), (s, name)
+    # token counts and response sums through the piece map equal the unshared ones
+    from megatron_solopo.parallel.context_parallel import segment_sum
+
+    for mask in ("loss_mask", "target_mask"):
+        torch.testing.assert_close(shared.sequence_sums(getattr(shared, mask)),
+                                   segment_sum(getattr(plain, mask), plain.cu_seqlens))
+    # The long pair of every record shares its document: long/rejected is a prefix piece plus
+    # its own branch.
+    pairs = shared.piece_sequences
+    for s in (shared.roles == Role.LONG_REJECTED.index).nonzero()[:, 0].tolist():
+        assert int((pairs[:, 1] == s).sum()) == 2
+
+
+def test_shared_prefix_length_stops_before_the_first_difference():
+    from megatron_solopo.data.packing import shared_prefix_length
+
+    def seq(ids, response_from):
+        mask = np.zeros(len(ids), bool)
+        mask[response_from:] = True
+        return np.array(ids), mask
+
+    assert shared_prefix_length(seq([1, 2, 3, 4], 3), seq([1, 2, 3, 5], 3)) == 2
+    # a common first answer token is shared too (same tokens, same response mask)
+    assert shared_prefix_length(seq([1, 2, 3, 4, 6], 2), seq([1, 2, 3, 4, 7], 2)) == 3
+    # the same tokens with different response masks are not shared
+    assert shared_prefix_length(seq([1, 2, 3, 4], 2), seq([1, 2, 3, 5], 3)) == 1
+    assert shared_prefix_length(seq([1, 9], 1), seq([2, 9], 1)) == 0
+    assert shared_prefix_length(seq([1, 2, 3], 1), seq([1, 2, 3], 1)) == 2
+
+
+def test_unshareable_pairs_stay_unshared_and_padding_extends_the_last_segment():
+    def seq(ids, response_from):
+        mask = np.zeros(len(ids), bool)
+        mask[response_from:] = True
+        return np.array(ids), mask
+
+    group = PreferenceGroup(0, "r0", {Role.SHORT_CHOSEN: [seq([1, 5, 6], 2)],
+                                      Role.SHORT_REJECTED: [seq([2, 5, 7], 2)],
+                                      Role.LONG_CHOSEN: [seq([1, 3, 3, 3, 5, 6], 5)],
+                                      Role.LONG_REJECTED: [seq([1, 3, 3, 3, 5, 8, 8], 5)]})
+    batch = pack_groups([group], ALL_ROLES, 2, 0, shared_prefix=True)
+    batch.validate(2)
+    # short pair differs at its first token: two plain segments; the long pair shares 4 tokens
+    assert batch.cu_seqlens.tolist() == [0, 4, 8, 18]
+    assert batch.branch_bounds.tolist() == [[4, 4], [4, 4], [4, 6]]
+    assert batch.tokens[8:17].tolist() == [1, 3, 3, 3, 5, 6, 5, 8, 8]
+    assert batch.position_ids[8:18].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]
+    padded = batch.padded_to(24)
+    padded.validate()
+    assert padded.position_ids[17:].tolist() == [7, 8, 9, 10, 11, 12, 13]
+    assert torch.equal(padded.rope_positions(), padded.position_ids)
+    assert int(padded.cu_pieces[-1]) == 24
+    # nothing shareable at all: the batch is a plain one
+    plain = pack_groups([group], [Role.SHORT_CHOSEN, Role.SHORT_REJECTED], 2, 0, shared_prefix=True)
+    assert not plain.shared
+
+
+def test_builder_budget_check_with_sharing_is_a_lower_bound(dataset):
+    """With sharing, a record that fits only because its context is packed once is accepted at
+    start (the exact size is checked when it is packed)."""
+    from megatron_solopo.training.batches import MicroBatchBuilder
+
+    roles = list(ALL_ROLES)[2:]
+    index = 3
+    group = dataset.get_group(index, roles)
+    shared_size = group_num_tokens(group, roles, 2, True)
+    assert shared_size < group_num_tokens(group, roles, 2)
+    budget = max(group_num_tokens(dataset.get_group(i, roles), roles, 2, True)
+                 for i in range(len(dataset)))
+    with pytest.raises(ValueError, match="do not fit one micro-batch"):
+        MicroBatchBuilder(dataset, roles, token_budget=budget, pad_multiple=2, pad_token_id=0,
+                          fixed_length=False)
+    builder = MicroBatchBuilder(dataset, roles, token_budget=budget, pad_multiple=2,
+                                pad_token_id=0, fixed_length=False, shared_prefix=True)
+    step = builder.build([index, 0], 2)
+    assert all(batch.shared and batch.num_tokens <= budget for batch in step.micro_batches)

@@ -119,14 +119,15 @@ def test_missing_without_wheels_says_what_to_do(tmp_path):
 # Time caps and the report
 # ----------------------------------------------------------------------------------------------
 def test_phase_caps_share_what_is_left():
-    phases = ["tests", "trainer", "bench", "fp8", "max_length"]
+    phases = ["tests", "trainer", "bench", "shared_prefix", "fp8", "max_length"]
     caps = [gpu_check.phase_timeout(p, 400.0, phases[i:]) for i, p in enumerate(phases)]
-    assert caps[0] == pytest.approx(400 * 0.25)
-    assert caps[2] == pytest.approx(400 * 0.33 / 0.63)
+    w = gpu_check.PHASES
+    assert caps[0] == pytest.approx(400 * w["tests"] / sum(w[p] for p in phases))
+    assert caps[2] == pytest.approx(400 * w["bench"] / sum(w[p] for p in phases[2:]))
     assert caps[-1] == 400.0  # the last phase gets everything left
     # fp8 skipped (no TE): its share goes to the others.
     assert gpu_check.phase_timeout("bench", 300.0, ["bench", "max_length"]) == \
-        pytest.approx(300 * 0.33 / 0.53)
+        pytest.approx(300 * w["bench"] / (w["bench"] + w["max_length"]))
 
 
 def test_pytest_counts():
@@ -221,6 +222,7 @@ def test_phases_run_in_order_with_caps_and_reports(tmp_path, monkeypatch, capsys
             "tests": ([python, "-c", "print('3 passed, 1 skipped in 0.1s')"], None),
             "trainer": ([python, "-c", "import sys; sys.exit(3)"], None),
             "bench": ([python, "-c", write], str(bench_json)),
+            "shared_prefix": ([python, "-c", "pass"], None),
             "fp8": ("Transformer Engine is not importable", None),
             "max_length": ([python, "-c", "import subprocess; subprocess.run(['sleep', '1000'])",
                             "--search-seconds", "{search_seconds}"], None),
