@@ -287,6 +287,10 @@ def main(argv=None) -> int:
         previous = json.loads(settings_path.read_text())
         if previous["sizes"] != json.loads(json.dumps(settings["sizes"])):
             parser.error(f"--out {out} holds an experiment with other sizes; choose another")
+        # Methods of earlier invocations stay in the results (their runs are not redone).
+        methods = list(dict.fromkeys(previous["methods"] + methods))
+        settings["methods"] = methods
+        settings["seeds"] = max(args.seeds, previous["seeds"])
     write_json(settings_path, settings)
     log(f"experiment in {out}: methods {', '.join(methods)}, {args.seeds} seed(s)")
     started = time.time()
@@ -332,7 +336,7 @@ def main(argv=None) -> int:
                "runs": []}
     analysis.write_all(out, results)
 
-    for seed in range(args.seeds):
+    for seed in range(settings["seeds"]):
         data_dir = out / "data" / f"seed{seed}"
         pair_stats_path = data_dir / "pairs.json"
         if not pair_stats_path.exists():
