@@ -40,6 +40,9 @@ def aggregate(results: dict) -> dict:
         entry["train_s"] = _mean_std([run["train"]["step_time_s"] for run in runs])
         entry["pairs"] = _mean_std([run["pairs"]["pairs"] for run in runs])
         entry["skipped_steps"] = sum(run["train"]["skipped_steps"] for run in runs)
+        norms = [n for run in runs for n in run["train"].get("grad_norms", []) if n is not None]
+        entry["max_grad_norm"] = max(norms) if norms else None
+        entry["final_loss"] = _mean_std([run["train"]["losses"][-1] for run in runs])
         table[method] = entry
     return table
 
@@ -47,19 +50,25 @@ def aggregate(results: dict) -> dict:
 def markdown(results: dict, table: dict) -> str:
     sft = results["sft"]["eval"]["by_length"]["all"]
     lengths = list(sft)
-    lines = ["| method | seeds | " + " | ".join(f"sub-EM {length}" for length in lengths)
-             + " | s/step | tokens/step | reference pass s |",
-             "|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|"]
+    lines = ["| method | seeds | " + " | ".join(f"sub-EM {length}" for length in lengths) + " |",
+             "|---|---:|" + "---:|" * len(lengths)]
     lines.append("| SFT start | - | " + " | ".join(f"{sft[length]['sub_em']:.3f}"
-                                                   for length in lengths) + " | - | - | - |")
+                                                   for length in lengths) + " |")
     for method, entry in table.items():
         cells = entry["accuracy"]["all"]
         lines.append(
             f"| {method} | {len(entry['seeds'])} | "
             + " | ".join(f"{cells[length]['mean']:.3f} ± {cells[length]['std']:.3f}"
-                         if length in cells else "-" for length in lengths)
-            + f" | {entry['seconds_per_step'][0]:.3f} | {entry['tokens_per_step'][0]:.0f} | "
-              f"{entry['reference_s'][0]:.1f} |")
+                         if length in cells else "-" for length in lengths) + " |")
+    lines += ["", "| method | s/step | tokens/step | reference pass s | final loss | max grad norm "
+              "| skipped steps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for method, entry in table.items():
+        norm = entry.get("max_grad_norm")
+        lines.append(f"| {method} | {entry['seconds_per_step'][0]:.3f} ± "
+                     f"{entry['seconds_per_step'][1]:.3f} | {entry['tokens_per_step'][0]:.0f} | "
+                     f"{entry['reference_s'][0]:.1f} | {entry['final_loss'][0]:.4f} | "
+                     + (f"{norm:.3g}" if norm is not None else "-")
+                     + f" | {entry['skipped_steps']} |")
     per_task = []
     tasks = [task for task in results["sft"]["eval"]["by_length"] if task != "all"]
     for task in tasks:

@@ -63,12 +63,13 @@ class Sizes:
     heads: int = 4
     kv_heads: int = 2
     ffn: int = 192
-    vocab: int = 512
+    vocab: int = 2048
+    number_tokens: bool = True  # the tokenizer learns every 3-digit answer as one token
     tasks: tuple = ("kv_retrieval", "needle")
     sft_records: int = 2000  # per task
-    sft_steps: int = 150
+    sft_steps: int = 300
     sft_lr: float = 3e-3
-    batch: int = 32  # SFT global batch
+    batch: int = 16  # SFT global batch
     align_batch: int = 8  # alignment global batch (preference groups)
     pair_questions: int = 64  # per task and seed
     pair_samples: int = 8
@@ -82,9 +83,10 @@ class Sizes:
     pair_fallback: bool = False  # questions without a self-made pair use the synthetic pair
 
 
-TINY = Sizes(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, vocab=300, sft_records=24,
-             sft_steps=6, sft_lr=3e-3, batch=4, align_batch=4, pair_questions=6, pair_samples=4, align_steps=3,
-             eval_examples=3, lengths=(1, 2), max_new_tokens=12, pair_fallback=True)
+TINY = Sizes(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, vocab=300, number_tokens=False,
+             sft_records=24, sft_steps=6, sft_lr=3e-3, batch=4, align_batch=4, pair_questions=6,
+             pair_samples=4, align_steps=3, eval_examples=3, lengths=(1, 2), max_new_tokens=12,
+             pair_fallback=True)
 
 
 def log(message: str) -> None:
@@ -131,7 +133,14 @@ def build_start(out: Path, sizes: Sizes, seed: int) -> dict:
     for path in paths.values():
         if path.exists():
             shutil.rmtree(path)
-    make_hf_tokenizer(str(paths["tokenizer"]), vocab_size=sizes.vocab)
+    texts = None
+    if sizes.number_tokens:
+        # Answers (3-digit numbers) as single tokens: copying one is then one attention step,
+        # which a model this small learns within the SFT budget.
+        from megatron_solopo.data.synthetic import corpus
+
+        texts = corpus() + [f"is {n}. value {n}" for n in range(100, 1000)] * 4
+    make_hf_tokenizer(str(paths["tokenizer"]), vocab_size=sizes.vocab, texts=texts)
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(paths["tokenizer"]))
@@ -386,12 +395,15 @@ def main(argv=None) -> int:
 
 
 def _train_summary(report: dict) -> dict:
-    first = next((row for row in report.get("metrics", []) if not row.get("eval")), {})
-    return {key: report.get(key) for key in ("steps", "step_time_s", "tokens", "flops",
-                                             "reference_s", "setup_s", "process_s",
-                                             "skipped_steps", "losses")} | {
-        "first_metrics": {k: v for k, v in first.items() if isinstance(v, (int, float))}}
-
+    history = [row for row in report.get("metrics", []) if not row.get("eval")]
+    numbers = [{k: v for k, v in row.items() if isinstance(v, (int, float))} for row in history]
+    summary = {key: report.get(key) for key in ("steps", "step_time_s", "tokens", "flops",
+                                                "reference_s", "setup_s", "process_s",
+                                                "skipped_steps", "losses")}
+    summary["grad_norms"] = [row.get("grad_norm") for row in history]
+    summary["first_metrics"] = numbers[0] if numbers else {}
+    summary["last_metrics"] = numbers[-1] if numbers else {}
+    return summary
 
 if __name__ == "__main__":
     sys.exit(main())
