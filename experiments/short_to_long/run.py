@@ -65,25 +65,26 @@ class Sizes:
     ffn: int = 192
     vocab: int = 2048
     number_tokens: bool = True  # the tokenizer learns every 3-digit answer as one token
-    tasks: tuple = ("kv_retrieval", "needle")
-    sft_records: int = 2000  # per task
-    sft_steps: int = 300
-    sft_lr: float = 3e-3
+    tasks: tuple = ("needle",)  # kv_retrieval too with --tasks (a longer SFT is needed)
+    sft_records: int = 8000  # per task
+    sft_steps: int = 1600
+    sft_lr: float = 5e-3
     batch: int = 16  # SFT global batch
     align_batch: int = 8  # alignment global batch (preference groups)
-    pair_questions: int = 64  # per task and seed
-    pair_samples: int = 8
-    pair_temperature: float = 1.0
+    pair_questions: int = 256  # per task and seed
+    pair_samples: int = 16
+    pair_temperature: float = 0.85  # the SoLoPO paper's
     long_multiplier: int = 4  # training long context = this x the short length
-    align_steps: int = 30
+    align_steps: int = 150
     align_lr: float = 3e-4
-    eval_examples: int = 20  # per task and length
+    eval_examples: int = 50  # per task and length
     lengths: tuple = (1, 2, 4, 8)
     max_new_tokens: int = 24
     pair_fallback: bool = False  # questions without a self-made pair use the synthetic pair
 
 
 TINY = Sizes(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, vocab=300, number_tokens=False,
+             tasks=("kv_retrieval", "needle"),
              sft_records=24, sft_steps=6, sft_lr=3e-3, batch=4, align_batch=4, pair_questions=6,
              pair_samples=4, align_steps=3, eval_examples=3, lengths=(1, 2), max_new_tokens=12,
              pair_fallback=True)
@@ -272,6 +273,11 @@ def main(argv=None) -> int:
     parser.add_argument("--align-steps", type=int, default=None,
                         help="training steps of every alignment run (default: the preset's)")
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps")
+    parser.add_argument("--tasks", default=None,
+                        help="synthetic tasks, comma-separated (default: the preset's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a size of the preset (a field of Sizes in run.py), e.g. "
+                             "--set pair_samples=8; repeatable")
     parser.add_argument("--isolate", action="store_true",
                         help="each training run in a fresh process (default: in this one)")
     args = parser.parse_args(argv)
@@ -286,6 +292,29 @@ def main(argv=None) -> int:
         sizes.align_steps = args.align_steps
     if args.sft_steps is not None:
         sizes.sft_steps = args.sft_steps
+    for item in args.set:
+        field, _, value = item.partition("=")
+        default = getattr(sizes, field, None)
+        if not value or field not in {f.name for f in dataclasses.fields(Sizes)} or isinstance(
+                default, tuple):
+            parser.error(f"--set {item!r}: give FIELD=VALUE with FIELD a number or flag of "
+                         f"Sizes (tasks: --tasks)")
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                parsed = value.lower() == "true"
+            else:
+                parsed = type(default)(value)
+        except ValueError:
+            parser.error(f"--set {item!r}: {field} takes a {type(default).__name__}")
+        setattr(sizes, field, parsed)
+    if args.tasks is not None:
+        from megatron_solopo.data.synthetic import TASKS
+
+        sizes.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if not sizes.tasks or any(t not in TASKS for t in sizes.tasks):
+            parser.error(f"--tasks {args.tasks!r}; valid: {', '.join(TASKS)}")
     if min(sizes.align_steps, sizes.sft_steps) < 2:
         parser.error("--align-steps and --sft-steps must be >= 2")
     out = Path(args.out).resolve()
