@@ -50,6 +50,8 @@ METHODS = {
     "longpo_no_nll": ({"name": "longpo", "beta": 0.1, "lambda": 0.01, "nll_weight": 0.0}, "longpo"),
     "solopo_dpo_huber": ({"name": "solopo", "base": "dpo", "beta": 0.1, "alpha": 3.0,
                          "solo_ra_huber_delta": 0.05}, "solopo"),
+    "solopo_dpo_shortref": ({"name": "solopo", "base": "dpo", "beta": 0.1, "alpha": 3.0,
+                            "solo_ra_reference": "short"}, "solopo"),
 }
 DEFAULT_METHODS = ("dpo_short", "long_dpo", "solopo_dpo", "solopo_orpo", "longpo")
 
