@@ -3,7 +3,8 @@
 
     python tools/build_longpo_data.py --input docs.jsonl --output data/longpo.jsonl \\
         --backend vllm --model /ckpt/Mistral-7B-Instruct-v0.2 --tensor-parallel-size 8 \\
-        --min-doc-tokens 65536 --max-doc-tokens 131072 --rope-theta 1e7 --max-model-len 131072
+        --min-doc-tokens 65536 --max-doc-tokens 131072 \\
+        --long-rope-theta 1e7 --long-max-model-len 131072 --gpu-memory-utilization 0.45
 
 Long documents -> chunks -> questions from each chunk -> chosen (answer given the chunk) and
 rejected (answer given the whole document) -> filters -> multi-turn records that
@@ -11,12 +12,13 @@ tools/preprocess_data.py takes. Running the same command again resumes an interr
 """
 
 import argparse
+import dataclasses
 import sys
 
 from megatron_solopo.construct import cli
 from megatron_solopo.construct.longpo import LongPOPipeline, LongPOSettings
 from megatron_solopo.construct.text import Templates
-from megatron_solopo.generation import SamplingParams
+from megatron_solopo.generation import SamplingParams, build_generator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-turns", type=int, default=2,
                        help="questions kept per document (turns of its record; default: "
                             "%(default)s)")
+    group = parser.add_argument_group(
+        "rejected answers (whole document)",
+        "Model settings for the long prompts only (the official code raises RoPE theta before "
+        "generating the rejected answers); any of them loads a second model for that stage")
+    group.add_argument("--long-rope-theta", type=float, default=None)
+    group.add_argument("--long-rope-scaling", default=None, metavar="JSON")
+    group.add_argument("--long-max-model-len", type=int, default=None)
     return parser
+
+
+def long_generator(args):
+    """``(factory, settings)`` of the rejected stage's generator, or ``(None, None)``."""
+    if args.long_rope_theta is None and args.long_rope_scaling is None and \
+            args.long_max_model_len is None:
+        return None, None
+    config = cli.generator_config(args)
+    rope_scaling = config.rope_scaling
+    if args.long_rope_scaling:
+        rope_scaling = cli.parse_rope_scaling(args.long_rope_scaling, "--long-rope-scaling")
+    config = dataclasses.replace(
+        config, rope_theta=args.long_rope_theta if args.long_rope_theta is not None
+        else config.rope_theta, rope_scaling=rope_scaling,
+        max_model_len=args.long_max_model_len or config.max_model_len)
+    return (lambda: build_generator(config)), cli.output_settings(config)
 
 
 def build_pipeline(args) -> LongPOPipeline:
@@ -62,8 +87,10 @@ def build_pipeline(args) -> LongPOPipeline:
                                          args.question_max_new_tokens),
         answer_sampling=SamplingParams(args.temperature, args.top_p, args.max_new_tokens),
         seed=args.seed)
+    factory, long_settings = long_generator(args)
     return LongPOPipeline(args.input, settings, Templates(args.templates), args.text_field,
-                          args.id_field)
+                          args.id_field, long_generator_factory=factory,
+                          long_generation=long_settings)
 
 
 def main(argv=None) -> int:

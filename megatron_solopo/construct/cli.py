@@ -65,15 +65,18 @@ def add_common_args(parser: argparse.ArgumentParser, *, temperature: float, top_
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def parse_rope_scaling(text: str, flag: str = "--rope-scaling") -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: not JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: should be a JSON object")
+    return value
+
+
 def generator_config(args) -> GeneratorConfig:
-    rope_scaling = None
-    if args.rope_scaling:
-        try:
-            rope_scaling = json.loads(args.rope_scaling)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--rope-scaling: not JSON ({err.msg})") from None
-        if not isinstance(rope_scaling, dict):
-            raise ValueError("--rope-scaling: should be a JSON object")
+    rope_scaling = parse_rope_scaling(args.rope_scaling) if args.rope_scaling else None
     if args.backend == "openai" and not args.tokenizer:
         raise ValueError("--backend openai needs --tokenizer HF_DIR (the served model's "
                          "tokenizer) to count document and context tokens")
@@ -89,6 +92,17 @@ def generator_config(args) -> GeneratorConfig:
         request_timeout=args.request_timeout, progress=not args.no_progress)
 
 
+def output_settings(config: GeneratorConfig) -> dict:
+    """The generator settings the records depend on (not where the server is, how many requests
+    are in flight or whether a bar is shown): a resumed run must have the same."""
+    keys = ("backend", "model", "tokenizer", "seed", "rope_theta", "rope_scaling",
+            "max_model_len", "dtype", "tensor_parallel_size")
+    settings = {key: getattr(config, key) for key in keys}
+    if config.backend == "hf":
+        settings["batch_size"] = config.batch_size  # a batch shares one sampling generator
+    return settings
+
+
 def run(build_pipeline, args) -> int:
     """Build the pipeline (checks every input), run this shard, print the summary; user errors
     print ``error: ...`` and return 2."""
@@ -97,7 +111,8 @@ def run(build_pipeline, args) -> int:
         num_shards, shard_index = shard_from_env(args.num_shards, args.shard_index)
         pipeline = build_pipeline(args)
         runner = Runner(pipeline, args.output, num_shards=num_shards, shard_index=shard_index,
-                        block_size=args.block_size, log=log_stderr)
+                        block_size=args.block_size, generation=output_settings(config),
+                        log=log_stderr, progress=not args.no_progress)
         summary = runner.run(lambda: build_generator(config))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

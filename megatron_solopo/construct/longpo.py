@@ -10,7 +10,8 @@ generate_longpo_pair.py and postprocess_longpo_pair.py):
    is picked at random and prefixed with a reference phrase ("Based on the preceding text,");
 4. chosen = the model's answer given the chunk + question (official code: temperature 1.0);
 5. up to ``max_turns`` questions per document are kept (official code: 2), at random;
-6. rejected = the model's answer given the whole long context + question;
+6. rejected = the model's answer given the whole long context + question (optionally with other
+   model settings, e.g. a raised RoPE theta: ``long_generator_factory``);
 7. filters: empty, repetitive (repeated-word ratio > 0.9 chosen / > 0.95 rejected, or fewer than
    2 words of 3+ characters), refusal phrases, chosen == rejected;
 8. one multi-turn record per document (docs/data.md), turns in document order, each turn with
@@ -64,15 +65,22 @@ class LongPOSettings:
     """Sampling for chosen and rejected answers (official code: 1.0 / 1.0 / 1,024; the paper
     says greedy: temperature 0)."""
     max_repetition_chosen: float = 0.9
+    """Chosen answers with a higher repeated-word ratio are dropped (official: 0.9)."""
     max_repetition_rejected: float = 0.95
+    """Rejected answers with a higher repeated-word ratio are dropped (official: 0.95)."""
     seed: int = 0
+    """Every random choice (question, phrase, kept turns) derives from it and the document id."""
 
 
 class LongPOPipeline(Pipeline):
     name = "longpo"
 
     def __init__(self, inputs: list, settings: LongPOSettings, templates: Templates,
-                 text_field: str = "text", id_field: str = "id"):
+                 text_field: str = "text", id_field: str = "id", long_generator_factory=None,
+                 long_generation: Optional[dict] = None):
+        """``long_generator_factory`` builds the generator of the rejected (whole-document)
+        answers when they need other model settings (LongPO's raised RoPE theta), described by
+        ``long_generation``; default: the run's generator answers every stage."""
         if settings.chunk_min_tokens > settings.chunk_max_tokens:
             raise ValueError(f"--chunk-min-tokens {settings.chunk_min_tokens} > --chunk-max-tokens "
                              f"{settings.chunk_max_tokens}")
@@ -96,12 +104,22 @@ class LongPOPipeline(Pipeline):
         self.inputs = InputFiles(inputs, document_parser(text_field, id_field))
         self.inputs.check()
         self.text_field, self.id_field = text_field, id_field
+        self.long_generator_factory = long_generator_factory
+        self.long_generation = long_generation or {}
+        self._long_generator = None
 
     def settings(self) -> dict:
         config = dataclasses.asdict(self.config)
         return {"pipeline": self.name, "inputs": self.inputs.fingerprints, "recipe": config,
                 "text_field": self.text_field, "id_field": self.id_field,
-                "templates": self.templates.describe()}
+                "templates": self.templates.describe(), "long_generation": self.long_generation}
+
+    def _long_backend(self):
+        if self.long_generator_factory is None:
+            return None
+        if self._long_generator is None:
+            self._long_generator = self.long_generator_factory()
+        return self._long_generator
 
     def items(self):
         return self.inputs.items()
@@ -169,7 +187,8 @@ class LongPOPipeline(Pipeline):
             turns += [(doc, c, prompt, chosen) for c, prompt, chosen in kept]
         completions = generator.generate([request(
             user_text(doc["long_context"], prompt), config.answer_sampling,
-            f"{doc['id']}/chunk{c}/rejected") for doc, c, prompt, _ in turns], desc="rejected")
+            f"{doc['id']}/chunk{c}/rejected") for doc, c, prompt, _ in turns], desc="rejected",
+            backend=self._long_backend())
         kept_turns: dict = {}
         for (doc, c, prompt, chosen), completion in zip(turns, completions):
             rejected = completion.texts[0]

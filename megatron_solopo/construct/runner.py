@@ -18,6 +18,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ from typing import Iterator, Optional
 
 from megatron_solopo.construct.text import Counts
 from megatron_solopo.generation import GenerationRequest
+from megatron_solopo.generation.base import ProgressMeter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,10 +107,11 @@ class CountingGenerator:
         self.generator = generator
         self.stats = Stats()
 
-    def generate(self, requests: list, desc: str) -> list:
+    def generate(self, requests: list, desc: str, backend=None) -> list:
+        """``backend`` (default: the run's generator) answers; the cost is counted either way."""
         if not requests:
             return []
-        completions = self.generator.generate(requests, desc=desc)
+        completions = (backend or self.generator).generate(requests, desc=desc)
         self.stats.model_calls += len(requests)
         self.stats.samples += sum(r.params.n for r in requests)
         self.stats.prompt_tokens += sum(c.num_prompt_tokens for c in completions)
@@ -151,6 +154,10 @@ class Pipeline:
         """Pipeline-specific summary fields from the summed stats."""
         return {}
 
+    def num_inputs(self) -> int:
+        """Inputs of all shards (known once the inputs were checked)."""
+        return self.inputs.num_items
+
 
 def summary_path(output: Path) -> Path:
     stem = output.name[:-len(".jsonl")] if output.name.endswith(".jsonl") else output.name
@@ -159,19 +166,21 @@ def summary_path(output: Path) -> Path:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, output: str, *, num_shards: int = 1, shard_index: int = 0,
-                 block_size: int = 16, log=print):
+                 block_size: int = 16, generation: Optional[dict] = None, log=print,
+                 progress: bool = False):
         if block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {block_size}")
         self.pipeline = pipeline
         self.output = Path(output)
         self.num_shards, self.shard_index, self.block_size = num_shards, shard_index, block_size
-        self.log = log
+        self.log, self.progress = log, progress
         self.work = self.output.with_name(self.output.name + ".work")
         tag = f"shard-{shard_index:05d}-of-{num_shards:05d}"
         self.shard_file = self.work / f"{tag}.jsonl"
         self.done_file = self.work / f"{tag}.done.jsonl"
         self.complete_file = self.work / f"{tag}.complete.json"
-        settings = dict(pipeline.settings(), num_shards=num_shards, block_size=block_size)
+        settings = dict(pipeline.settings(), num_shards=num_shards, block_size=block_size,
+                        generation=generation or {})
         self.settings = settings
         self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -183,11 +192,18 @@ class Runner:
         if finished is not None:
             self.log(f"{self.output} is already complete (same settings); nothing to do")
             return finished
-        self._prepare_work_dir()
-        committed, stats = self._resume()
-        if not self.complete_file.exists():
-            stats = self._process(committed, stats, generator_factory)
-            _write_json_atomic(self.complete_file, {"stats": stats.to_json()})
+        created = self._prepare_work_dir()
+        try:
+            committed, stats = self._resume()
+            if not self.complete_file.exists():
+                stats = self._process(committed, stats, generator_factory)
+                _write_json_atomic(self.complete_file, {"stats": stats.to_json()})
+        except BaseException:
+            # A run that fails before committing anything (no model, bad flag) leaves no trace.
+            if created and not (self.done_file.exists() and self.done_file.stat().st_size):
+                for path in reversed(created):
+                    shutil.rmtree(path, ignore_errors=True)
+            raise
         return self._merge_if_complete(stats)
 
     def _finished_summary(self) -> Optional[dict]:
@@ -203,7 +219,11 @@ class Runner:
                              f"with these settings; remove it or choose another --output")
         return summary
 
-    def _prepare_work_dir(self) -> None:
+    def _prepare_work_dir(self) -> list:
+        """Directories this call created (outermost first)."""
+        created = [p for p in reversed(self.work.parents) if not p.exists()]
+        if not self.work.exists():
+            created.append(self.work)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
         settings_file = self.work / "settings.json"
@@ -219,6 +239,7 @@ class Runner:
         else:
             _write_json_atomic(settings_file, {"sha256": self.fingerprint,
                                                "settings": self.settings})
+        return created
 
     def _resume(self) -> tuple[set, Stats]:
         """Committed blocks and their summed stats; the shard file cut to the last commit."""
@@ -238,6 +259,9 @@ class Runner:
                 good += len(raw) + 1
             with open(self.done_file, "r+b") as handle:
                 handle.truncate(min(good, os.path.getsize(self.done_file)))
+                if good > os.path.getsize(self.done_file):  # a commit cut just before its newline
+                    handle.seek(0, os.SEEK_END)
+                    handle.write(b"\n")
         if self.shard_file.exists() and os.path.getsize(self.shard_file) != offset:
             with open(self.shard_file, "r+b") as handle:
                 handle.truncate(offset)
@@ -259,13 +283,21 @@ class Runner:
             yield number, block
 
     def _process(self, committed: set, stats: Stats, generator_factory) -> Stats:
-        generator = None
-        with open(self.shard_file, "ab") as shard, open(self.done_file, "ab") as done:
+        generator = meter = None
+        total = len(range(self.shard_index, self.pipeline.num_inputs(), self.num_shards))
+        with open(self.shard_file, "ab") as shard, open(self.done_file, "ab") as done, \
+                contextlib.ExitStack() as stack:
             for number, block in self._blocks():
                 if number in committed:
                     continue
                 if generator is None:
                     generator = CountingGenerator(generator_factory())
+                    # The run's bar (once the model is loaded): inputs of this shard, ETA, and
+                    # the rates of the model calls.
+                    meter = stack.enter_context(contextlib.closing(ProgressMeter(
+                        total, f"{self.pipeline.name} shard {self.shard_index}", self.progress,
+                        unit="input", leave=True)))
+                    meter.bar.update(stats.inputs)
                 start = time.perf_counter()
                 generator.stats = block_stats = Stats(inputs=len(block))
                 records = self.pipeline.process(block, generator, block_stats)
@@ -280,6 +312,8 @@ class Runner:
                 self._commit(done, {"block": number, "ids": [item_id for _, item_id, _ in block],
                                     "offset": shard.tell(), "stats": block_stats.to_json()})
                 stats.add(block_stats)
+                meter.update(len(block), block_stats.generated_tokens,
+                             num_prompts=block_stats.model_calls)
         if generator is not None:
             close = getattr(generator.generator, "close", None)
             if close:

@@ -70,10 +70,16 @@ class SoLoPOSettings:
     """Also sample this many on the long context (Long-DPO / expand-long baselines' pairs in
     meta.long_pair); 0: no long sampling."""
     score: str = "sub_em"
+    """sub_em, f1, exact_match, or module:function(prediction, golds) -> number."""
     score_threshold: float = 1.0
+    """A sample is correct when its score reaches this."""
     answer_prefix: Optional[str] = "Answer:"
+    """Score the text after its last occurrence (the whole answer when absent); None: always
+    the whole answer."""
     max_repetition: float = 0.9
+    """Correct samples with a higher repeated-word ratio cannot be chosen."""
     seed: int = 0
+    """Every random choice (distractors, positions, the pair) derives from it and the id."""
 
 
 class SoLoPOPipeline(Pipeline):

@@ -114,20 +114,23 @@ def render_plain(messages: Sequence[dict]) -> str:
 class ProgressMeter:
     """A progress bar with ETA, prompts/s and generated tokens/s (stderr)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool, unit: str = "prompt",
+                 leave: bool = False):
         from tqdm import tqdm
 
         self.start = time.perf_counter()
-        self.generated = 0
-        self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr,
+        self.prompts = self.generated = 0
+        # One bar per generate() call, under the run's bar (data construction), gone when done.
+        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=leave,
                         disable=not enabled, mininterval=0.5, dynamic_ncols=True)
 
-    def update(self, num_prompts: int, num_generated_tokens: int) -> None:
+    def update(self, num_done: int, num_generated_tokens: int, num_prompts=None) -> None:
+        self.prompts += num_done if num_prompts is None else num_prompts
         self.generated += num_generated_tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.bar.n / elapsed:.2f} prompts/s, "
+        self.bar.set_postfix_str(f"{self.prompts / elapsed:.2f} prompts/s, "
                                  f"{self.generated / elapsed:,.0f} gen tok/s", refresh=False)
-        self.bar.update(num_prompts)
+        self.bar.update(num_done)
 
     def close(self) -> None:
         self.bar.close()

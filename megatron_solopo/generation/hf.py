@@ -5,7 +5,7 @@ the batch's requests, so the same requests in the same batches give the same ans
 
 from __future__ import annotations
 
-import itertools
+import os
 from typing import Sequence
 
 from megatron_solopo.generation.base import (Completion, GenerationError, GenerationRequest,
@@ -56,7 +56,10 @@ class HFGenerator(Generator):
             model_config.max_position_embeddings = config.max_model_len
         device = config.device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            # One shard per GPU under torchrun/srun: each process takes its local rank's device.
+            local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+            device = f"cuda:{int(local_rank) % max(torch.cuda.device_count(), 1)}" \
+                if torch.cuda.is_available() else "cpu"
         dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float32": torch.float32}.get(config.dtype)
         if dtype is None:
@@ -76,20 +79,19 @@ class HFGenerator(Generator):
         return self.tokenizer(text, add_special_tokens=not self.templated)["input_ids"]
 
     def generate(self, requests: Sequence[GenerationRequest], desc: str = "generating") -> list:
-        torch = self.torch
         encoded = [self._encode(r) for r in requests]
-        # Longest first: similar lengths share a batch (little padding), and an out-of-memory
-        # error shows at the start, not after hours.
-        order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
         results: list = [None] * len(requests)
         meter = ProgressMeter(len(requests), desc, self.config.progress)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        # Requests with different sampling settings cannot share a generate() call.
+        by_params: dict = {}
+        for index, request in enumerate(requests):
+            by_params.setdefault(request.params, []).append(index)
         try:
-            # Requests with different sampling settings cannot share a generate() call.
-            groups = itertools.groupby(sorted(order, key=lambda i: (repr(requests[i].params), 0)),
-                                       key=lambda i: repr(requests[i].params))
-            for _, members in groups:
-                members = sorted(members, key=lambda i: (-len(encoded[i]), i))
+            for members in by_params.values():
+                # Longest first: similar lengths share a batch (little padding), and an
+                # out-of-memory error shows at the start, not after hours.
+                members.sort(key=lambda i: (-len(encoded[i]), i))
                 for start in range(0, len(members), self.config.batch_size):
                     batch = members[start:start + self.config.batch_size]
                     for index, completion in zip(batch, self._batch(requests, encoded, batch,

@@ -79,13 +79,11 @@ class OpenAIGenerator(Generator):
         raise GenerationError(f"no answer from the server at --base-url {self.config.base_url} "
                               f"after {self.config.max_retries + 1} attempts: {last_error}")
 
-    def _one(self, request: GenerationRequest) -> Completion:
+    def _ask(self, request: GenerationRequest, n: int, seed: int) -> tuple[list, dict]:
         params = request.params
-        body = {"model": self.config.model, "messages": list(request.messages), "n": params.n,
-                "temperature": params.temperature, "top_p": params.top_p,
-                "max_tokens": params.max_new_tokens,
-                "seed": request_seed(self.config.seed, request.key)}
-        reply = self._post(body)
+        reply = self._post({"model": self.config.model, "messages": list(request.messages),
+                            "n": n, "temperature": params.temperature, "top_p": params.top_p,
+                            "max_tokens": params.max_new_tokens, "seed": seed})
         try:
             choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
             texts = [(choice["message"].get("content") or "").strip() for choice in choices]
@@ -93,13 +91,29 @@ class OpenAIGenerator(Generator):
             raise GenerationError(f"the server at --base-url {self.config.base_url} sent an "
                                   f"answer without choices[].message.content: "
                                   f"{json.dumps(reply)[:300]}") from None
-        if len(texts) != params.n:
-            raise GenerationError(f"asked the server at --base-url {self.config.base_url} for "
-                                  f"n={params.n} answers, got {len(texts)} (a server without "
-                                  f"'n' support needs --num-samples 1)")
-        usage = reply.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens")
-        generated = usage.get("completion_tokens")
+        if not texts:
+            raise GenerationError(f"the server at --base-url {self.config.base_url} sent no "
+                                  f"choices")
+        return texts, reply.get("usage") or {}
+
+    def _one(self, request: GenerationRequest) -> Completion:
+        n = request.params.n
+        seed = request_seed(self.config.seed, request.key)
+        texts, usage = self._ask(request, n, seed)
+        prompt_tokens, generated = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        # Servers without 'n' (TGI's chat API) answer once: ask for the rest one by one, each
+        # with its own seed.
+        extra = 0
+        while len(texts) < n:
+            extra += 1
+            more, more_usage = self._ask(request, 1, request_seed(self.config.seed,
+                                                                  f"{request.key}#{extra}"))
+            texts += more[:1]
+            if generated is not None and more_usage.get("completion_tokens") is not None:
+                generated += more_usage["completion_tokens"]
+            else:
+                generated = None
+        texts = texts[:n]
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(self.render(request.messages)) if self.tokenizer else 0
         if generated is None:

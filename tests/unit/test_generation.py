@@ -169,9 +169,10 @@ class _Server:
     """A chat-completions server on 127.0.0.1: answers '<content>#<i>' for each of n samples;
     the first ``fail_first`` POSTs get HTTP 503; ``status`` forces a status for every POST."""
 
-    def __init__(self, fail_first=0, status=None, delay=0.0):
+    def __init__(self, fail_first=0, status=None, delay=0.0, ignore_n=False):
         self.bodies, self.lock = [], threading.Lock()
         self.fail_first, self.status, self.delay = fail_first, status, delay
+        self.ignore_n = ignore_n
         self.in_flight = self.max_in_flight = 0
         server = self
 
@@ -204,10 +205,13 @@ class _Server:
                 if fail:
                     return self._send(server.status or 503, {"error": "busy"})
                 content = body["messages"][-1]["content"]
+                n = 1 if server.ignore_n else body["n"]
+                if server.ignore_n:
+                    content = f"{content}@{body['seed']}"
                 self._send(200, {"choices": [{"index": i, "message": {"role": "assistant",
                                                                       "content": f"{content}#{i}"}}
-                                             for i in reversed(range(body["n"]))],
-                                 "usage": {"prompt_tokens": 7, "completion_tokens": 3 * body["n"]}})
+                                             for i in reversed(range(n))],
+                                 "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -246,6 +250,20 @@ def test_openai_backend_n_samples_concurrency_and_retries(monkeypatch):
     seeds = {b["messages"][-1]["content"]: b["seed"] for b, _ in server.bodies}
     assert seeds == {f"q{i}": request_seed(9, f"k{i}") for i in range(8)}
     assert server.max_in_flight > 1
+
+
+def test_openai_server_without_n_is_asked_once_per_sample():
+    server = _Server(ignore_n=True)
+    try:
+        generator = _openai(server.url, seed=1)
+        [completion] = generator.generate([GenerationRequest(
+            user("q"), SamplingParams(temperature=1.0, n=3), key="k")])
+    finally:
+        server.close()
+    seeds = [request_seed(1, "k"), request_seed(1, "k#1"), request_seed(1, "k#2")]
+    assert completion.texts == [f"q@{seed}#0" for seed in seeds]
+    assert completion.num_generated_tokens == 9
+    assert [body["n"] for body, _ in server.bodies] == [3, 1, 1]
 
 
 def test_openai_errors_name_base_url():
