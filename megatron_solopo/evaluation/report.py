@@ -2,7 +2,8 @@
 
 ``summarize(rows)`` -> ``{"by_length": {task: {length: {"n", "sub_em", "f1", "prompt_tokens"}}},
 "retention": ...}``; the task ``all`` averages every task's examples of a length. The short-context
-retention score is the ``sub_em`` of the shortest bucket (``1x``: the short contexts themselves);
+retention score is the ``sub_em`` of the short bucket (``1x``: the short contexts themselves, or
+a JSONL bucket labelled ``short``; none without one);
 ``retention_ratio`` divides it by a baseline checkpoint's (1.0: nothing lost).
 
 The plot needs matplotlib (``pip install matplotlib``); without it ``plot_accuracy_vs_length``
@@ -15,6 +16,7 @@ import re
 from typing import Optional, Sequence
 
 METRIC_NAMES = ("sub_em", "f1")
+SHORT_LABELS = ("1x", "short")  # buckets of short contexts: the retention score
 
 
 class MissingPlotting(RuntimeError):
@@ -45,9 +47,9 @@ def summarize(rows: Sequence[dict]) -> dict:
             by_length[task][length] = entry
     summary = {"by_length": by_length, "num_examples": len(rows)}
     overall = by_length.get("all", {})
-    if overall:
-        shortest = min(overall, key=length_key)
-        summary["retention"] = {"length": shortest, "sub_em": overall[shortest]["sub_em"]}
+    short = next((label for label in SHORT_LABELS if label in overall), None)
+    if short is not None:
+        summary["retention"] = {"length": short, "sub_em": overall[short]["sub_em"]}
     return summary
 
 

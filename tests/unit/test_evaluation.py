@@ -118,6 +118,8 @@ def test_answers_scored_exactly(tmp_path):
     # F1 of "It is 123." against "123": tokens it/is/123, precision 1/3, recall 1 -> 1/2
     assert summary["by_length"]["all"]["1x"]["f1"] == pytest.approx(0.5)
     assert summary["retention"] == {"length": "1x", "sub_em": 1.0}
+    # no short bucket (e.g. a JSONL without "length": "short"): no retention score
+    assert "retention" not in report.summarize([dict(row, length="all") for row in rows])
     table = report.table({"scripted": summary})
     assert "| scripted | 1.000 | 0.400 |" in table
     baseline = {"retention": {"length": "1x", "sub_em": 0.5}}
