@@ -38,9 +38,26 @@ class SoLoPOParams(Hyperparameters):
     """DPO only: the reference log-prob in the long-context reward. ``long`` uses
     ``logp_ref(y|x_L)`` (needs a long reference pass); ``short`` reuses ``logp_ref(y|x_S)``."""
 
+    solo_ra_huber_delta: float = 0.0
+    """>= 0. 0: SoLo-RA is ``|gap|`` (the default). > 0: the Huber function of the gap,
+    ``gap^2 / (2 delta)`` below ``delta`` and ``|gap| - delta / 2`` above, whose gradient goes
+    to 0 with the gap instead of jumping between -1 and 1. With a DPO base the gap starts at 0
+    (policy == reference), where ``|.|``'s gradient sign is set by rounding differences between
+    the policy's and the precomputed reference's log-probs (docs/objectives.md)."""
+
     def validate(self) -> None:
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if not self.solo_ra_huber_delta >= 0:
+            raise ValueError(f"solo_ra_huber_delta must be >= 0, got {self.solo_ra_huber_delta}")
+
+    def alignment(self, gap: torch.Tensor) -> torch.Tensor:
+        """SoLo-RA's penalty of a (signed) reward gap."""
+        size = torch.abs(gap)
+        delta = self.solo_ra_huber_delta
+        if delta == 0:
+            return size
+        return torch.where(size < delta, size * size / (2 * delta), size - delta / 2)
 
 
 class SoLoPOObjective(Objective):
@@ -90,8 +107,9 @@ class SoLoPOObjective(Objective):
             long_reward = self.base.reward(policy[role], self._long_reference(inputs, role))
             long_rewards[role.response] = long_reward
             # s(.) = identity: the paper's per-algorithm s is not public (docs/objectives.md).
-            gap = torch.abs(short_rewards[role.response] - long_reward)
-            alignment = alignment + gap
+            signed = short_rewards[role.response] - long_reward
+            gap = torch.abs(signed)
+            alignment = alignment + self.params.alignment(signed)
             suffix = "" if role.response == "chosen" else "_rejected"
             metrics[f"solo_ra/gap{suffix}"] = gap
             metrics[f"long/rewards/{role.response}"] = long_reward
@@ -117,9 +135,15 @@ class LongPOParams(Hyperparameters):
     """NLL over every real token of the long chosen sequence (document, instructions, responses;
     the official code) instead of the response tokens only. Padding is always excluded."""
 
+    nll_weight: float = 1.0
+    """Weight of the NLL term, >= 0. 1 is the paper's loss (Eq. 14); 0 is its "without NLL"
+    ablation (the preference term alone, still scaled by ``preference_weight``)."""
+
     def validate(self) -> None:
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.nll_weight >= 0:
+            raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
         if not self.preference_weight >= 0:
             raise ValueError(f"preference_weight (lambda) must be >= 0, got "
                              f"{self.preference_weight}")
@@ -153,4 +177,5 @@ class LongPOObjective(Objective):
         metrics = pair_metrics("long", reward_chosen, reward_rejected, as_float(chosen.logps),
                                as_float(rejected.logps))
         metrics.update({"nll": nll, "longpo/preference_loss": preference})
-        return nll + self.params.preference_weight * preference, metrics
+        loss = self.params.nll_weight * nll + self.params.preference_weight * preference
+        return loss, metrics

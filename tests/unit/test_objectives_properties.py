@@ -223,7 +223,7 @@ def test_config_values_are_coerced():
     ("solopo", {"base": "dpo", "solo_ra": "all"}, "solo_ra='all' is not valid; valid: chosen, both"),
     ("solopo", {"base": "dpo", "solo_ra_reference": "medium"}, "valid: long, short"),
     ("solopo", {"base": "simpo", "lambda": 1.0},
-     "unknown hyper-parameter(s) lambda; valid: base, alpha, solo_ra, solo_ra_reference, beta, gamma"),
+     "unknown hyper-parameter(s) lambda; valid: base, alpha, solo_ra, solo_ra_reference, solo_ra_huber_delta, beta, gamma"),
     ("solopo", {"base": {"name": "dpo", "gamma": 1.0}}, "unknown hyper-parameter(s) gamma; valid: name, beta, loss_type, label_smoothing"),
     ("solopo", {"base": {"name": "dpo", "beta": 0.2}, "beta": 0.3}, "beta given both at the top level and inside base"),
     ("solopo", {"base": "dpo", "context": "long"}, "unknown hyper-parameter(s) context"),
@@ -240,7 +240,7 @@ def test_config_values_are_coerced():
     ("orpo", {"lambda": 0.1, "odds_ratio_weight": 0.2}, "give lambda or odds_ratio_weight"),
     ("longpo", {"lambda": -1.0}, "preference_weight (lambda) must be >= 0"),
     ("longpo", {"nll_include_context": "yes"}, "nll_include_context must be true or false"),
-    ("longpo", {"alpha": 1.0}, "valid: beta, preference_weight, nll_include_context, lambda"),
+    ("longpo", {"alpha": 1.0}, "valid: beta, preference_weight, nll_include_context, nll_weight, lambda"),
     ("sft", {"context": "medium"}, "valid: short, long"),
     ("sft", {"beta": 0.1}, "unknown hyper-parameter(s) beta; valid: context"),
 ])
