@@ -59,7 +59,7 @@ test-slow: install
 
 # pyflakes-level checks (unused/undefined names, syntax): see [tool.ruff] in pyproject.toml.
 lint: install
-	$(PY) -m ruff check megatron_solopo tools tests benchmarks
+	$(PY) -m ruff check megatron_solopo tools tests benchmarks experiments
 
 demo: install
 	$(PY) -m megatron_solopo.demo

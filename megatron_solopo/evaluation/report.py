@@ -6,7 +6,7 @@ retention score is the ``sub_em`` of the short bucket (``1x``: the short context
 a JSONL bucket labelled ``short``; none without one);
 ``retention_ratio`` divides it by a baseline checkpoint's (1.0: nothing lost).
 
-The plot needs matplotlib (``pip install matplotlib``); without it ``plot_accuracy_vs_length``
+The plot needs matplotlib (``pip install matplotlib`` or the ``plot`` extra); without it ``plot_accuracy_vs_length``
 raises ``MissingPlotting`` with that instruction, and the JSON and tables are still written.
 """
 
