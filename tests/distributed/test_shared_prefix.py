@@ -85,13 +85,15 @@ def _precompute(raw, output):
 
 
 def test_reference_cache_does_not_depend_on_sharing(setup, tmp_path):
-    from megatron_solopo.training.reference import ReferenceCache, default_cache_path
+    from megatron_solopo.config import config_from_dict
+    from megatron_solopo.training.reference import ReferenceCache, run_cache_path
 
     paths, root = setup
     raw = config(paths, root, shared_prefix=False)
     raw["reference"]["checkpoint"] = raw["checkpoint"]["load"] = paths["init"]
     run_distributed(_precompute, 1, raw, str(tmp_path / "unshared.npz"))
-    shared = ReferenceCache.load(default_cache_path(paths["train"])).logps
+    # The set-up precomputed the run's own cache with sharing (the default).
+    shared = ReferenceCache.load(run_cache_path(config_from_dict(raw), paths["train"])).logps
     unshared = ReferenceCache.load(str(tmp_path / "unshared.npz")).logps
     assert np.isnan(shared).sum() == np.isnan(unshared).sum() < shared.size
     np.testing.assert_allclose(shared, unshared, rtol=1e-5)
