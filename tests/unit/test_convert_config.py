@@ -2,6 +2,7 @@
 the way back (config.json from a ModelConfig, with or without the original)."""
 
 import dataclasses
+import importlib
 
 import pytest
 import transformers
@@ -202,6 +203,7 @@ def test_yarn_original_length_when_the_rope_parameters_omit_it(extra, original):
 ])
 def test_features_newer_than_the_installed_transformers_are_refused(monkeypatch, feature, config,
                                                                      message):
-    monkeypatch.setattr(transformers, "__version__", "4.50.0")
+    # The module as imported now: saving a model replaces transformers' entry in sys.modules.
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.50.0")
     with pytest.raises(ValueError, match=message):
         model_config_from_hf(config)
